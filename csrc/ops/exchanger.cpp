@@ -1,0 +1,166 @@
+#include "ops/exchanger.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/tensor.h>
+
+#include <numeric>
+
+#include "ops/layout_ops.h"
+
+namespace alltoall::ops {
+
+namespace {
+
+using Sizes = std::vector<int64_t>;
+
+// Views a contiguous tensor as [rows, row_bytes] bytes, so the transport and
+// the layout kernels move any dtype bit for bit.
+at::Tensor as_byte_rows(const at::Tensor& x) {
+  const int64_t rows = x.size(0);
+  int64_t row_elems = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) row_elems *= x.size(d);
+  at::Tensor rows_view = x.view({rows, row_elems});
+  if (rows_view.scalar_type() == at::kByte) return rows_view;
+  if (row_elems == 0) return at::empty({rows, 0}, x.options().dtype(at::kByte));
+  return rows_view.view(at::kByte);
+}
+
+at::Tensor from_byte_rows(const at::Tensor& bytes, const at::Tensor& like, int64_t rows) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape[0] = rows;
+  if (bytes.size(1) == 0) return at::empty(shape, like.options());
+  return bytes.view(like.scalar_type()).view(shape);
+}
+
+Sizes permuted(const Sizes& values, const std::vector<int64_t>& perm) {
+  Sizes out(perm.size());
+  for (size_t i = 0; i < perm.size(); ++i) out[i] = values[perm[i]];
+  return out;
+}
+
+// Reorders variable-size blocks: new block i is old block perm[i].
+at::Tensor reorder_blocks(const at::Tensor& buffer, const Sizes& sizes, const std::vector<int64_t>& perm) {
+  Sizes offsets(sizes.size());
+  std::exclusive_scan(sizes.begin(), sizes.end(), offsets.begin(), int64_t{0});
+  return gather_blocks(buffer, permuted(offsets, perm), permuted(sizes, perm));
+}
+
+Sizes sum_per_peer(const Sizes& block_sizes, int blocks_per_peer) {
+  Sizes out(block_sizes.size() / blocks_per_peer, 0);
+  for (size_t b = 0; b < block_sizes.size(); ++b) out[b / blocks_per_peer] += block_sizes[b];
+  return out;
+}
+
+int64_t total(const Sizes& sizes) { return std::accumulate(sizes.begin(), sizes.end(), int64_t{0}); }
+
+void check_splits(const char* name, const Sizes& splits, int world_size) {
+  TORCH_CHECK_VALUE(static_cast<int>(splits.size()) == world_size, name, " has ", splits.size(),
+                    " entries but the group has ", world_size, " ranks");
+  for (size_t i = 0; i < splits.size(); ++i) {
+    TORCH_CHECK_VALUE(splits[i] >= 0, name, "[", i, "] = ", splits[i], " is negative");
+  }
+}
+
+}  // namespace
+
+Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports)
+    : plan_(std::move(plan)), transports_(std::move(transports)) {
+  TORCH_CHECK_VALUE(transports_.size() == plan_.phases.size(), "the plan has ", plan_.phases.size(),
+                    " phases but ", transports_.size(), " transports were given");
+  for (size_t i = 0; i < transports_.size(); ++i) {
+    const auto& phase = plan_.phases[i];
+    TORCH_CHECK_VALUE(transports_[i] != nullptr, "transport for phase ", i, " is missing");
+    TORCH_CHECK_VALUE(transports_[i]->size() == static_cast<int>(phase.group_ranks.size()) &&
+                          transports_[i]->rank() == phase.index_in_group,
+                      "phase ", i, " (", plan::to_string(phase.role), ") expects a group of ",
+                      phase.group_ranks.size(), " ranks with this rank at ", phase.index_in_group, ", but ",
+                      transports_[i]->describe(), " does not match");
+  }
+}
+
+std::string Exchanger::step_name(size_t phase, const char* what) const {
+  return plan::to_string(plan_.algorithm) + " " + what + " phase " + std::to_string(phase + 1) + "/" +
+         std::to_string(plan_.phases.size()) + " (" + plan::to_string(plan_.phases[phase].role) + ")";
+}
+
+at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all: input must have at least one dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(input.size(0) % plan_.num_blocks == 0, "all_to_all: dim 0 of the input (", input.size(0),
+                    ") is not divisible by the group size ", plan_.num_blocks);
+  const at::Tensor source = input.contiguous();
+  at::Tensor buffer = as_byte_rows(source);
+  const Sizes sizes(plan_.num_blocks, input.size(0) / plan_.num_blocks);
+  for (size_t i = 0; i < plan_.phases.size(); ++i) {
+    const auto& phase = plan_.phases[i];
+    if (!phase.pre_permutation.empty()) buffer = reorder_blocks(buffer, sizes, phase.pre_permutation);
+    at::Tensor received = at::empty_like(buffer);
+    transports_[i]->all_to_all(received, buffer, {}, {}, step_name(i, "all_to_all"));
+    buffer = std::move(received);
+  }
+  if (!plan_.post_permutation.empty()) buffer = reorder_blocks(buffer, sizes, plan_.post_permutation);
+  if (plan_.phases.empty()) buffer = buffer.clone();  // a group of one still returns a new tensor
+  return from_byte_rows(buffer, source, input.size(0));
+}
+
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+    const at::Tensor& input, const std::vector<int64_t>& input_splits,
+    const std::optional<std::vector<int64_t>>& output_splits) const {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all_v: input must have at least one dimension, got a 0-d tensor");
+  check_splits("input_splits", input_splits, plan_.num_blocks);
+  TORCH_CHECK_VALUE(total(input_splits) == input.size(0), "all_to_all_v: input_splits sum to ", total(input_splits),
+                    " but dim 0 of the input is ", input.size(0));
+  if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
+
+  const at::Tensor source = input.contiguous();
+  at::Tensor buffer = as_byte_rows(source);
+  Sizes sizes = input_splits;
+  for (size_t i = 0; i < plan_.phases.size(); ++i) {
+    const auto& phase = plan_.phases[i];
+    if (!phase.pre_permutation.empty()) {
+      buffer = reorder_blocks(buffer, sizes, phase.pre_permutation);
+      sizes = permuted(sizes, phase.pre_permutation);
+    }
+    Sizes received_sizes;
+    const bool last = i + 1 == plan_.phases.size();
+    if (last && output_splits) {
+      // Final block s is received block post[s]: invert that to get what
+      // this phase receives, without exchanging counts.
+      received_sizes.assign(sizes.size(), 0);
+      for (size_t s = 0; s < output_splits->size(); ++s) {
+        const size_t b = plan_.post_permutation.empty() ? s : static_cast<size_t>(plan_.post_permutation[s]);
+        received_sizes[b] = (*output_splits)[s];
+      }
+    } else {
+      // Counts travel one phase ahead of the data they describe: each peer
+      // gets the sizes of the blocks it is about to receive, O(p) per rank.
+      at::Tensor counts = at::tensor(sizes, source.options().dtype(at::kLong));
+      at::Tensor counts_in = at::empty_like(counts);
+      transports_[i]->all_to_all(counts_in, counts, {}, {}, step_name(i, "count exchange"));
+      counts_in = counts_in.cpu();
+      const int64_t* c = counts_in.const_data_ptr<int64_t>();
+      received_sizes.assign(c, c + counts_in.numel());
+    }
+    const Sizes send = sum_per_peer(sizes, phase.blocks_per_peer);
+    const Sizes recv = sum_per_peer(received_sizes, phase.blocks_per_peer);
+    at::Tensor received = at::empty({total(recv), buffer.size(1)}, buffer.options());
+    transports_[i]->all_to_all(received, buffer, recv, send, step_name(i, "all_to_all_v"));
+    buffer = std::move(received);
+    sizes = std::move(received_sizes);
+  }
+  if (!plan_.post_permutation.empty()) {
+    buffer = reorder_blocks(buffer, sizes, plan_.post_permutation);
+    sizes = permuted(sizes, plan_.post_permutation);
+  }
+  if (plan_.phases.empty()) {
+    if (output_splits) {
+      TORCH_CHECK_VALUE(*output_splits == sizes, "all_to_all_v: output_splits [", (*output_splits)[0],
+                        "] do not match input_splits [", sizes[0], "] in a group of one rank");
+    }
+    buffer = buffer.clone();
+  }
+  const int64_t rows = total(sizes);
+  return {from_byte_rows(buffer, source, rows), sizes};
+}
+
+}  // namespace alltoall::ops

@@ -1,0 +1,43 @@
+// Runs an ExchangePlan: the layout transforms between phases and one
+// transport call per phase. The same executor serves every algorithm, equal
+// and uneven splits, forward and backward.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "plan/exchange_plan.h"
+#include "transport/transport.h"
+
+namespace alltoall::ops {
+
+class Exchanger {
+ public:
+  // transports[i] carries phase i of `plan`; its size and rank must match
+  // the phase's group.
+  Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports);
+
+  // Equal splits: dim 0 of `input` holds num_blocks equal blocks, block d for
+  // group rank d. Returns what all_to_all_single returns: block s from rank s.
+  at::Tensor all_to_all(const at::Tensor& input) const;
+
+  // Uneven splits in rows of dim 0. When output_splits is not given, the
+  // counts are exchanged with the data. Returns the output and its splits.
+  std::pair<at::Tensor, std::vector<int64_t>> all_to_all_v(
+      const at::Tensor& input, const std::vector<int64_t>& input_splits,
+      const std::optional<std::vector<int64_t>>& output_splits) const;
+
+  const plan::ExchangePlan& plan() const { return plan_; }
+
+ private:
+  std::string step_name(size_t phase, const char* what) const;
+
+  plan::ExchangePlan plan_;
+  std::vector<std::shared_ptr<transport::Transport>> transports_;
+};
+
+}  // namespace alltoall::ops

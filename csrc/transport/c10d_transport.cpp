@@ -1,0 +1,67 @@
+#include "transport/c10d_transport.h"
+
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <sstream>
+
+namespace alltoall::transport {
+
+namespace {
+
+class C10dTransport final : public Transport {
+ public:
+  C10dTransport(std::string group_name, std::vector<int> global_ranks, std::chrono::milliseconds timeout)
+      : name_(std::move(group_name)), ranks_(std::move(global_ranks)), timeout_(timeout) {
+    group_ = c10d::resolve_process_group(name_);
+    TORCH_CHECK_VALUE(group_->getSize() == static_cast<int>(ranks_.size()), "process group '", name_, "' has ",
+                      group_->getSize(), " ranks but ", ranks_.size(), " were given");
+  }
+
+  int size() const override { return group_->getSize(); }
+  int rank() const override { return group_->getRank(); }
+
+  void all_to_all(at::Tensor& output, at::Tensor& input, const std::vector<int64_t>& output_splits,
+                  const std::vector<int64_t>& input_splits, const std::string& what) override {
+    c10d::AllToAllOptions options;
+    options.timeout = timeout_;
+    std::vector<int64_t> out_splits = output_splits;
+    std::vector<int64_t> in_splits = input_splits;
+    try {
+      auto work = group_->all_to_all_single(output, input, out_splits, in_splits, options);
+      // wait(timeout) throws when the timeout passes, and rethrows the
+      // backend's own error (for gloo, its per-operation timeout).
+      if (!work->wait(timeout_)) {
+        TORCH_CHECK(false, "did not complete within ", timeout_.count(), " ms");
+      }
+    } catch (const std::exception& error) {
+      TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(),
+                  " ms): ", error.what());
+    }
+  }
+
+  std::string describe() const override {
+    std::ostringstream out;
+    out << "group '" << name_ << "' (global ranks [";
+    const size_t shown = std::min<size_t>(ranks_.size(), 16);
+    for (size_t i = 0; i < shown; ++i) out << (i ? ", " : "") << ranks_[i];
+    if (shown < ranks_.size()) out << ", ... " << ranks_.size() << " in all";
+    out << "], this rank is " << group_->getRank() << " of " << group_->getSize() << ")";
+    return out.str();
+  }
+
+ private:
+  std::string name_;
+  std::vector<int> ranks_;
+  std::chrono::milliseconds timeout_;
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+};
+
+}  // namespace
+
+std::shared_ptr<Transport> make_c10d_transport(const std::string& group_name, std::vector<int> global_ranks,
+                                               std::chrono::milliseconds timeout) {
+  return std::make_shared<C10dTransport>(group_name, std::move(global_ranks), timeout);
+}
+
+}  // namespace alltoall::transport

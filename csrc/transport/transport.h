@@ -1,0 +1,32 @@
+// A transport moves rows of dim 0 between the members of one group. The
+// executor only sees this interface; c10d_transport.h implements it over a
+// torch.distributed ProcessGroup (gloo, NCCL, MPI, ...).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace alltoall::transport {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+
+  // Rows of `input` go to peers in order, input_splits[j] rows to peer j;
+  // output_splits[j] rows arrive from peer j. Empty splits mean equal
+  // shares of dim 0. `what` names the step for error messages. Blocks until
+  // done or throws, naming the step, the group and its ranks.
+  virtual void all_to_all(at::Tensor& output, at::Tensor& input, const std::vector<int64_t>& output_splits,
+                          const std::vector<int64_t>& input_splits, const std::string& what) = 0;
+
+  // The group, for error messages: its name and its global ranks.
+  virtual std::string describe() const = 0;
+};
+
+}  // namespace alltoall::transport
