@@ -1,5 +1,14 @@
-"""alltoall: all-to-all collectives for Mixture-of-Experts expert parallelism."""
+"""alltoall: all-to-all collectives for Mixture-of-Experts expert parallelism.
+
+Layers, bottom up: topology (alltoall.topology), plans (alltoall.plan),
+transports (alltoall.transport), collectives with autograd (alltoall.ops).
+"""
 
 from alltoall._library import _C  # noqa: F401
+from alltoall.ops import Communicator, all_to_all, all_to_all_v
+from alltoall.plan import plan
+from alltoall.topology import Topology
 
 __version__ = "0.1.0"
+
+__all__ = ["Communicator", "Topology", "all_to_all", "all_to_all_v", "plan", "__version__"]

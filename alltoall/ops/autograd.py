@@ -1,0 +1,51 @@
+"""Autograd functions over the C++ executor (layer 4). The backward of an
+all-to-all is the inverse exchange: the same exchange for equal splits, the
+exchange with input and output splits swapped for uneven ones."""
+
+from __future__ import annotations
+
+import torch
+
+from alltoall._library import _C
+
+
+class AllToAll(torch.autograd.Function):
+    """Equal-split all-to-all: [p*n, *] -> [p*n, *], block s from rank s."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, exchanger: _C.Exchanger) -> torch.Tensor:  # type: ignore[override]
+        ctx.exchanger = exchanger
+        return exchanger.all_to_all(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return ctx.exchanger.all_to_all(grad.contiguous()), None
+
+
+class AllToAllV(torch.autograd.Function):
+    """Uneven all-to-all: [sum(input_splits), *] -> [sum(output_splits), *].
+
+    Returns the output and, as a non-differentiable int64 tensor, the output
+    splits (exchanged with the data when not given).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        exchanger: _C.Exchanger,
+        input_splits: list[int],
+        output_splits: list[int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, received = exchanger.all_to_all_v(x, input_splits, output_splits)
+        ctx.exchanger = exchanger
+        ctx.splits = (list(input_splits), list(received))
+        splits = torch.tensor(received, dtype=torch.int64)
+        ctx.mark_non_differentiable(splits)
+        return out, splits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _splits_grad: object) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        input_splits, output_splits = ctx.splits
+        grad_in, _ = ctx.exchanger.all_to_all_v(grad.contiguous(), output_splits, input_splits)
+        return grad_in, None, None, None

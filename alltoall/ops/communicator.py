@@ -1,0 +1,170 @@
+"""Communicator: all-to-all over one process group, with every algorithm's
+subgroups created once, up front."""
+
+from __future__ import annotations
+
+import weakref
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from alltoall._library import _C
+from alltoall.ops import selection, validation
+from alltoall.ops.autograd import AllToAll, AllToAllV
+from alltoall.plan import make_plan
+from alltoall.topology import Topology
+from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
+
+# The newest live Communicator of each group, so the module-level functions
+# can run algorithms that need subgroups without creating any inside a call.
+# Weak, so a destroyed group or a dropped Communicator is forgotten.
+_by_group: dict[str, weakref.ref[Communicator]] = {}
+
+
+def registered(group: dist.ProcessGroup) -> Communicator | None:
+    ref = _by_group.get(group.group_name)
+    comm = ref() if ref is not None else None
+    return comm if comm is not None and comm.group is group else None
+
+
+class Communicator:
+    """All-to-all collectives over ``group`` (default: the world).
+
+    The constructor is collective: every rank of the group calls it, in the
+    same order relative to other group creation. It detects the topology and
+    creates the intra-node and inter-node subgroups, so no call ever creates
+    a group.
+
+    Args:
+        group: the process group; None means the default group.
+        local_size: emulate nodes of this many consecutive ranks on one host
+            (also read from ``ALLTOALL_LOCAL_SIZE``). Default: detect nodes by
+            host name.
+        topology: an explicit topology, identical on every rank; excludes
+            ``local_size``.
+        timeout: the bound on every blocking wait (timedelta or seconds);
+            default ``ALLTOALL_TIMEOUT`` seconds, else 10 minutes.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        local_size: int | None = None,
+        topology: Topology | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> None:
+        self.group_ref = GroupRef.of(group)
+        self.group = self.group_ref.group
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.timeout = resolve_timeout(timeout)
+        if topology is not None and local_size is not None:
+            raise ValueError(f"pass topology or local_size, not both (local_size={local_size})")
+        if topology is None:
+            topology = Topology.detect(self.group, local_size=local_size)
+        if topology.size != self.size or topology.rank != self.rank:
+            raise ValueError(
+                f"topology describes rank {topology.rank} of {topology.size} but this is rank "
+                f"{self.rank} of a group of {self.size}"
+            )
+        self.topology = topology
+        self._groups = {"world": self.group_ref, **self._create_node_groups()}
+        self._exchangers = {"flat": self._exchanger_for("flat")}
+        if topology.uniform:
+            self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
+        _by_group[self.group_ref.name] = weakref.ref(self)
+
+    # Set-up -------------------------------------------------------------------
+
+    def _global(self, group_ranks: tuple[int, ...]) -> list[int]:
+        return [self.group_ref.global_ranks[r] for r in group_ranks]
+
+    def _create_node_groups(self) -> dict[str, GroupRef]:
+        """Intra-node then inter-node, on every rank in that order. A subgroup
+        equal to the whole group reuses it; one of a single rank is not
+        needed, since plans drop phases that move nothing."""
+        topo = self.topology
+        if not topo.uniform:
+            return {}
+        groups: dict[str, GroupRef] = {}
+        members = {
+            "intra_node": topo.ranks_of_node(topo.node),
+            "inter_node": topo.ranks_with_local_rank(topo.local_rank),
+        }
+        for role, ranks in members.items():
+            if len(ranks) == self.size:
+                groups[role] = self.group_ref
+            elif len(ranks) > 1:
+                groups[role] = new_subgroup(self._global(ranks), self.timeout, f"alltoall_{role}")
+        return groups
+
+    def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
+        raw = make_plan(self.topology.node_of_rank, self.rank, algorithm)
+        groups = [self._groups[phase.role].for_cpp() for phase in raw.phases]
+        return _C.Exchanger(raw, groups, self.timeout.total_seconds())
+
+    # Algorithms -------------------------------------------------------------
+
+    def resolve(self, algorithm: str, bytes_per_peer: int | None = None) -> str:
+        """The concrete algorithm for a request; raises ValueError when it
+        cannot run on this topology."""
+        validation.check_algorithm(algorithm, self.topology)
+        if algorithm == "auto":
+            return selection.choose(self.topology, bytes_per_peer)
+        return algorithm
+
+    def exchanger(self, algorithm: str) -> _C.Exchanger:
+        """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
+        return self._exchangers[self.resolve(algorithm)]
+
+    # Collectives ------------------------------------------------------------
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+        """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
+
+        Args:
+            x: ``[p * n, *]``; rows ``[d*n, (d+1)*n)`` go to group rank d.
+            algorithm: "auto", "flat" or "hierarchical".
+
+        Returns:
+            ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
+            flows through; the backward is the same exchange.
+        """
+        x = validation.check_tensor(x, "all_to_all")
+        validation.check_divisible(x, self.size, "all_to_all")
+        bytes_per_peer = x.numel() * x.element_size() // self.size
+        return AllToAll.apply(x, self._exchangers[self.resolve(algorithm, bytes_per_peer)])
+
+    def all_to_all_v(
+        self,
+        x: torch.Tensor,
+        input_splits: validation.Splits,
+        output_splits: validation.Splits | None = None,
+        algorithm: str = "auto",
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
+        output_splits, input_splits)``.
+
+        Args:
+            x: ``[sum(input_splits), *]``; ``input_splits[d]`` rows go to rank d.
+            input_splits: rows per destination: ints, or a 1-d int tensor on
+                any device.
+            output_splits: rows per source, when known. When None the counts
+                are exchanged with the data.
+            algorithm: "auto", "flat" or "hierarchical". "auto" decides on the
+                topology alone, so every rank agrees.
+
+        Returns:
+            ``[sum(output_splits), *]`` when output_splits is given; otherwise
+            ``(output, output_splits)``.
+        """
+        x = validation.check_tensor(x, "all_to_all_v")
+        ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
+        outs = None
+        if output_splits is not None:
+            outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
+        exchanger = self._exchangers[self.resolve(algorithm, None)]
+        out, received = AllToAllV.apply(x, exchanger, ins, outs)
+        return out if output_splits is not None else (out, received.tolist())

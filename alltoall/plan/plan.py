@@ -1,0 +1,92 @@
+"""Python view of the C++ exchange plans (layer 2).
+
+A plan is pure data: the phases of an exchange, the group of each phase, the
+blocks sent to every peer and the block reorders between phases. Building one
+involves no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from alltoall._library import _C
+
+ALGORITHMS = ("flat", "hierarchical")
+
+
+@dataclass(frozen=True)
+class LinkUse:
+    """Per-rank traffic on one class of link (intra-node or inter-node)."""
+
+    messages: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What an exchange costs one rank, by link class.
+
+    ``bytes`` counts payload bytes sent to other ranks for a send buffer of
+    ``bytes_per_rank`` bytes split equally among the group.
+    """
+
+    algorithm: str
+    world_size: int
+    ranks_per_node: int
+    tp: int
+    bytes_per_rank: int
+    intra_node: LinkUse
+    inter_node: LinkUse
+    phases: tuple[_C.Phase, ...]
+    raw: _C.ExchangePlan
+
+    @property
+    def messages(self) -> int:
+        """Messages per rank, both link classes."""
+        return self.intra_node.messages + self.inter_node.messages
+
+
+def make_plan(node_of_rank: Sequence[int], rank: int, algorithm: str, tp: int = 1) -> _C.ExchangePlan:
+    """The C++ plan of ``rank`` for a group whose rank r sits on node_of_rank[r]."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    return _C.make_plan(list(node_of_rank), rank, algorithm, tp)
+
+
+def plan(
+    world_size: int,
+    ranks_per_node: int,
+    algorithm: str,
+    tp: int = 1,
+    *,
+    bytes_per_rank: int = 1 << 20,
+    rank: int = 0,
+) -> PlanSummary:
+    """Plans an all-to-all on ``world_size`` ranks in nodes of ``ranks_per_node``
+    consecutive ranks, and summarises one rank's traffic.
+
+    Flat: p-1 messages. Hierarchical: G-1 intra-node and p/G-1 inter-node
+    messages, each byte crossing both link classes.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node} must be >= 1 and divide world_size={world_size}")
+    raw = make_plan([r // ranks_per_node for r in range(world_size)], rank, algorithm, tp)
+    block_bytes = bytes_per_rank / raw.num_blocks
+
+    def use(link: _C.LinkTraffic) -> LinkUse:
+        return LinkUse(messages=link.messages, bytes=round(link.blocks * block_bytes))
+
+    return PlanSummary(
+        algorithm=algorithm,
+        world_size=world_size,
+        ranks_per_node=ranks_per_node,
+        tp=tp,
+        bytes_per_rank=bytes_per_rank,
+        intra_node=use(raw.intra_node),
+        inter_node=use(raw.inter_node),
+        phases=tuple(raw.phases),
+        raw=raw,
+    )

@@ -1,0 +1,5 @@
+"""Layer 1: topology (which node every rank is on) and communication groups."""
+
+from alltoall.topology.topology import Topology
+
+__all__ = ["Topology"]
