@@ -23,7 +23,8 @@ def _flat_exchanger(ref: GroupRef) -> _C.Exchanger:
     exchanger = _flat.get(ref.group)
     if exchanger is None:
         raw = make_plan([0] * len(ref.global_ranks), dist.get_rank(ref.group), "flat")
-        exchanger = _C.Exchanger(raw, [ref.for_cpp()], resolve_timeout(None).total_seconds())
+        groups = [ref.for_cpp() for _ in raw.phases]  # none for a group of one
+        exchanger = _C.Exchanger(raw, groups, resolve_timeout(None).total_seconds())
         _flat[ref.group] = exchanger
     return exchanger
 
