@@ -57,7 +57,7 @@ def extension():
         library_dirs=nccl_lib,
         extra_link_args=[f"-Wl,-rpath,{d}" for d in nccl_lib] + ["-l:libnccl.so.2"],
         define_macros=[("ALLTOALL_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags + ["-DALLTOALL_WITH_CUDA=1"], "nvcc": ["-O3", "-DALLTOALL_WITH_CUDA=1"]},
+        extra_compile_args={"cxx": [*cxx_flags, "-DALLTOALL_WITH_CUDA=1"], "nvcc": ["-O3", "-DALLTOALL_WITH_CUDA=1"]},
     )
 
 

@@ -11,4 +11,4 @@ from alltoall.topology import Topology
 
 __version__ = "0.1.0"
 
-__all__ = ["Communicator", "Topology", "all_to_all", "all_to_all_v", "plan", "__version__"]
+__all__ = ["Communicator", "Topology", "__version__", "all_to_all", "all_to_all_v", "plan"]

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must precede the extension)
 
-from alltoall import _C  # noqa: E402
+from alltoall import _C
 
 __all__ = ["_C"]

@@ -132,7 +132,7 @@ def test_bad_input_raises_value_error_before_communication(worlds):
 
 def _module_level_needs_a_communicator() -> None:
     group = dist.new_group([0, 1])
-    with pytest.raises(ValueError, match="construct alltoall.Communicator"):
+    with pytest.raises(ValueError, match=r"construct alltoall\.Communicator"):
         alltoall.all_to_all(torch.zeros(2), group=group, algorithm="hierarchical")
 
 

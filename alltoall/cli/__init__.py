@@ -1,0 +1,1 @@
+"""Layer 5: command-line tools (alltoall-info, alltoall-bench)."""

@@ -1,0 +1,60 @@
+"""alltoall-info: the package, its build, torch and its backends, and the
+topology when run under a launcher (torchrun, mpiexec, srun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+import torch.distributed as dist
+
+import alltoall
+from alltoall._library import _C
+from alltoall.launch import detect_launcher, init_distributed
+
+
+def build_lines() -> list[str]:
+    info = _C.build_info()
+    lines = [f"alltoall {alltoall.__version__} ({os.path.dirname(alltoall.__file__)})"]
+    if info["cuda"]:
+        runtime = info.get("nccl_runtime")
+        nccl = ".".join(map(str, info["nccl_headers"]))
+        lines.append(f"build: C++ + CUDA (runtime {info['cuda_runtime']}), NCCL headers {nccl}, NCCL runtime {runtime}")
+    else:
+        lines.append("build: C++ only (no CUDA kernels in this build)")
+    backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
+                                      ("mpi", dist.is_mpi_available())) if ok]
+    lines.append(f"torch {torch.__version__}: CUDA {torch.version.cuda or 'none'}, "
+                 f"{torch.cuda.device_count()} GPU(s) visible, backends {', '.join(backends) or 'none'}")
+    lines.append(f"python {platform.python_version()} on {platform.node()} ({platform.machine()})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alltoall-info", description=__doc__)
+    parser.add_argument("--local-size", type=int, default=None, help="emulate nodes of this many ranks")
+    args = parser.parse_args(argv)
+    if detect_launcher() is None:
+        print("\n".join(build_lines()))
+        print("topology: not under a launcher (run with torchrun, mpiexec or srun to detect it)")
+        return 0
+    launch = init_distributed()
+    try:
+        comm = alltoall.Communicator(local_size=args.local_size)
+        topo = comm.topology
+        if dist.get_rank() == 0:
+            print("\n".join(build_lines()))
+            print(f"launcher: {launch.launcher}, backend: {launch.backend}, world size {launch.world_size}")
+            print(f"topology: {topo.describe()}")
+            for node in range(topo.num_nodes):
+                host = topo.hostnames[topo.ranks_of_node(node)[0]] if topo.hostnames else "emulated"
+                print(f"  node {node} ({host}): ranks {list(topo.ranks_of_node(node))}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
