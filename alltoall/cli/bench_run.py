@@ -1,0 +1,166 @@
+"""The timed sweep of alltoall-bench.
+
+For each size, every algorithm runs in turn on the same input (interleaving
+algorithms at each size keeps slow drifts of a shared machine out of the
+ratios): ``warmup`` untimed calls, a barrier, ``iterations`` timed calls, then
+``checks`` calls whose output each rank verifies locally. A rank's time is
+its mean per call; the row reports the maximum over ranks (also the mean and
+minimum), and ``#wrong`` summed over ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from alltoall.cli import bench_check
+from alltoall.cli.bench_algorithms import BenchContext, Exchange
+from alltoall.cli.bench_traffic import SplitsSpec, traffic_matrix
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    sizes: list[int]  # bytes per rank
+    dtype_name: str
+    dtype: torch.dtype
+    iterations: int
+    warmup: int
+    checks: int
+    seed: int
+    splits: SplitsSpec
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One row of the table.
+
+    ``size`` is bytes sent per rank; ``count`` elements per peer (the mean
+    for uneven splits). Times are microseconds per call: the maximum, mean
+    and minimum over ranks of each rank's mean. ``wrong`` is None when no
+    check ran.
+    """
+
+    algorithm: str
+    size: int
+    count: int
+    time_us: float
+    time_us_avg: float
+    time_us_min: float
+    wrong: int | None
+    world_size: int
+
+    @property
+    def algbw(self) -> float:
+        """GB/s (1e9 bytes per second): bytes per rank over time."""
+        return self.size / (self.time_us * 1e3) if self.time_us > 0 else 0.0
+
+    @property
+    def busbw(self) -> float:
+        """algbw·(n−1)/n: an all-to-all keeps 1/n of its data local."""
+        return self.algbw * (self.world_size - 1) / self.world_size
+
+
+class Progress:
+    """A one-line bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done = total, 0
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<28}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(call: Callable[[], object], count: int, device: torch.device) -> float:
+    """Mean seconds per call over ``count`` calls."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    _synchronize(device)
+    return (time.perf_counter() - start) / max(count, 1)
+
+
+def measure(ctx: BenchContext, name: str, exchange: Exchange, x: torch.Tensor, send: list[int], recv: list[int],
+            expected: torch.Tensor | None, opts: SweepOptions) -> tuple[float, int]:
+    """This rank's mean seconds per call and its count of wrong elements."""
+    uniform = opts.splits.uniform
+
+    def call() -> torch.Tensor:
+        return exchange(x, send, recv, uniform)
+
+    for _ in range(opts.warmup):
+        call()
+    _synchronize(ctx.device)
+    dist.barrier(group=ctx.comm.group)
+    seconds = _time_calls(call, opts.iterations, ctx.device) if opts.iterations else 0.0
+    wrong = 0
+    corrupt = bench_check.corrupted_algorithm() == name
+    for _ in range(opts.checks):
+        out = call()
+        if corrupt:
+            out = bench_check.corrupt(out)
+        assert expected is not None
+        wrong += bench_check.count_wrong(out, expected)
+    return seconds, wrong
+
+
+def _reduce(ctx: BenchContext, seconds: float, wrong: int) -> tuple[float, float, float, int]:
+    """(max, mean, min) of the ranks' times and the sum of wrong counts."""
+    group = ctx.comm.group
+    high = torch.tensor([seconds, -seconds], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    total = torch.tensor([seconds, float(wrong)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    t_max, neg_min = high.tolist()
+    t_sum, wrong_sum = total.tolist()
+    return t_max, t_sum / ctx.world_size, -neg_min, round(wrong_sum)
+
+
+def sweep(ctx: BenchContext, runners: dict[str, Exchange], opts: SweepOptions,
+          show_progress: bool) -> list[Measurement]:
+    """Every size, every algorithm; the same rows on every rank."""
+    element = torch.empty((), dtype=opts.dtype).element_size()
+    n, rank = ctx.world_size, ctx.rank
+    progress = Progress(len(opts.sizes) * len(runners), show_progress and rank == 0)
+    rows: list[Measurement] = []
+    try:
+        for size in opts.sizes:
+            elements = size // element
+            matrix = traffic_matrix(opts.splits, n, elements, opts.seed)
+            send = matrix[rank]
+            recv = [row[rank] for row in matrix]
+            x = bench_check.make_input(opts.seed, rank, sum(send), opts.dtype, ctx.device)
+            expected = None
+            if opts.checks:
+                expected = bench_check.expected_output(opts.seed, rank, matrix, opts.dtype, ctx.device)
+            for name, exchange in runners.items():
+                progress.step(f"{name} {size} B")
+                seconds, wrong = measure(ctx, name, exchange, x, send, recv, expected, opts)
+                t_max, t_avg, t_min, wrong_sum = _reduce(ctx, seconds, wrong)
+                rows.append(Measurement(name, size, elements // n, t_max * 1e6, t_avg * 1e6, t_min * 1e6,
+                                        wrong_sum if opts.checks else None, n))
+    finally:
+        progress.close()
+    return rows
