@@ -10,6 +10,7 @@ grace period instead of waiting out their collective timeouts.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def self_launch(argv: list[str], nprocs: int, ok_codes: tuple[int, ...]) -> int:
     """Runs ``python -m alltoall.bench argv`` on ``nprocs`` local ranks and
     returns the first failing exit status (codes in ``ok_codes`` other than 0
@@ -63,6 +68,7 @@ def self_launch(argv: list[str], nprocs: int, ok_codes: tuple[int, ...]) -> int:
     command = [sys.executable, "-m", "alltoall.bench", *argv]
     procs = [subprocess.Popen(command, env=child_env(r, nprocs, store.port, gpus)) for r in range(nprocs)]
     failed_at: float | None = None
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         while any(p.poll() is None for p in procs):
             codes = [p.poll() for p in procs]
@@ -76,10 +82,11 @@ def self_launch(argv: list[str], nprocs: int, ok_codes: tuple[int, ...]) -> int:
                 _stop(procs)
                 break
             time.sleep(0.1)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM (as SystemExit), or our own error: no orphaned ranks
         _stop(procs)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         del store
     codes = [p.wait() for p in procs]
     failures = [c for c in codes if c not in ok_codes]

@@ -109,7 +109,7 @@ def summary_lines(run: BenchRun) -> list[str]:
         lines.append(f"#   {name:<14} {run.average_busbw(name):.4f}")
     speedups = run.speedups()
     if speedups:
-        names = list(run.algorithms)
+        names = [n for n in run.algorithms if n != BASELINE]
         lines.append(f"# Speed-up against {BASELINE} (time of {BASELINE} / time; > 1 is faster), "
                      f"and time minus {BASELINE}'s (us):")
         lines.append("#" + f"{'size (B)':>11}" + "".join(f"  {n:>14}" for n in names))

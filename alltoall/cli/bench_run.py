@@ -61,7 +61,7 @@ class Measurement:
 
     @property
     def busbw(self) -> float:
-        """algbw·(n−1)/n: an all-to-all keeps 1/n of its data local."""
+        """algbw * (n-1)/n: an all-to-all keeps 1/n of its data local."""
         return self.algbw * (self.world_size - 1) / self.world_size
 
 
