@@ -24,8 +24,16 @@ install: $(BUILT)
 test: $(BUILT)
 	$(BIN)/python -m pytest
 
+# The default sweep: 8 local ranks as 2 emulated nodes of 4, every available
+# algorithm, 1 KiB to 4 MiB per rank. Results go to bench/results/ (git-ignored).
+BENCH_OUT  := bench/results
+BENCH_ARGS ?= --nprocs 8 --local-size 4 -b 1K -e 4M -f 2
+
 bench: $(BUILT)
-	$(BIN)/alltoall-bench --nprocs 8 --local-size 4
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/alltoall-bench $(BENCH_ARGS) --table $(BENCH_OUT)/alltoall.txt --json $(BENCH_OUT)/alltoall.json \
+	    --csv $(BENCH_OUT)/alltoall.csv --plot $(BENCH_OUT)/alltoall.png
+	@echo "make bench: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall.txt .json .csv .png)"
 
 lint: $(BUILT)
 	$(BIN)/ruff check alltoall tests bench setup.py
