@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed iterations per size (default 20)")
     p.add_argument("-w", "--warmup_iters", type=_typed(_non_negative, "count"), default=5,
                    help="untimed warm-up iterations per size (default 5)")
+    p.add_argument("-R", "--rounds", type=_typed(_positive, "rounds"), default=1,
+                   help="split the timed iterations into this many rounds that alternate the algorithms; "
+                        "the time is still the mean over all of them (default 1)")
     p.add_argument("-c", "--check", type=_typed(_non_negative, "count"), default=1,
                    help="checked iterations per size, 0 to skip the check (default 1)")
     p.add_argument("-d", "--datatype", type=_typed(bench_traffic.parse_dtype, "dtype"), default="float",
@@ -143,7 +146,7 @@ def _run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
             argv=["alltoall-bench", *argv], world_size=comm.size, launcher=launcher, backend=launch.backend,
             device=str(device), topology=comm.topology.describe(), local_size=args.local_size, tp=args.tp,
             build=build_lines(), dtype=dtype_name, element_size=element_size, splits=args.splits.text,
-            receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters,
+            receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
             warmup=args.warmup_iters, checks=args.check, seed=args.seed,
             threads=torch.get_num_threads() if device.type == "cpu" else 0,
             algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
@@ -151,7 +154,7 @@ def _run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
         if leader:
             print("\n".join(bench_report.header_lines(run)), flush=True)
         opts = SweepOptions(sizes, dtype_name, dtype, args.iters, args.warmup_iters, args.check, args.seed,
-                            args.splits)
+                            args.rounds, args.splits)
         run.rows = sweep(ctx, runners, opts, show_progress=not args.no_progress)
         if leader:
             _report(run, args)

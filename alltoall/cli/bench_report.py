@@ -38,6 +38,7 @@ class BenchRun:
     splits: str
     receive_imbalance: float
     iterations: int
+    rounds: int
     warmup: int
     checks: int
     seed: int
@@ -82,7 +83,8 @@ def header_lines(run: BenchRun) -> list[str]:
         f"# dtype {run.dtype} ({run.element_size} B), splits {run.splits}"
         + ("" if run.splits == "uniform" else f" (busiest receiver gets {run.receive_imbalance:.2f}x the mean)")
         + f", tp {run.tp}",
-        f"# iterations {run.iterations}, warm-ups {run.warmup}, check iterations {run.checks}, seed {run.seed}; "
+        f"# iterations {run.iterations} in {run.rounds} round(s), warm-ups {run.warmup}, "
+        f"check iterations {run.checks}, seed {run.seed}; "
         "time = max over ranks of each rank's mean per call",
     ]
     for name, reason in run.skipped.items():
@@ -163,6 +165,7 @@ def to_json(run: BenchRun) -> dict:
         "splits": run.splits,
         "receive_imbalance": run.receive_imbalance,
         "iterations": run.iterations,
+        "rounds": run.rounds,
         "warmup": run.warmup,
         "check_iterations": run.checks,
         "seed": run.seed,

@@ -1,9 +1,10 @@
 """The timed sweep of alltoall-bench.
 
-For each size, every algorithm runs in turn on the same input (interleaving
-algorithms at each size keeps slow drifts of a shared machine out of the
-ratios): ``warmup`` untimed calls, a barrier, ``iterations`` timed calls, then
-``checks`` calls whose output each rank verifies locally. A rank's time is
+For each size, every algorithm runs on the same input: ``warmup`` untimed
+calls each, then the ``iterations`` timed calls in rounds that alternate the
+algorithms (so slow drifts of a shared machine stay out of the ratios), each
+round after a barrier, then ``checks`` calls whose output each rank verifies
+locally. A rank's time is
 its mean per call; the row reports the maximum over ranks (also the mean and
 minimum), and ``#wrong`` summed over ranks.
 """
@@ -32,6 +33,7 @@ class SweepOptions:
     warmup: int
     checks: int
     seed: int
+    rounds: int
     splits: SplitsSpec
 
 
@@ -102,28 +104,45 @@ def _time_calls(call: Callable[[], object], count: int, device: torch.device) ->
     return (time.perf_counter() - start) / max(count, 1)
 
 
-def measure(ctx: BenchContext, name: str, exchange: Exchange, x: torch.Tensor, send: list[int], recv: list[int],
-            expected: torch.Tensor | None, opts: SweepOptions) -> tuple[float, int]:
-    """This rank's mean seconds per call and its count of wrong elements."""
+def _round_sizes(iterations: int, rounds: int) -> list[int]:
+    """``iterations`` split into ``rounds`` near-equal parts (none empty)."""
+    rounds = max(1, min(rounds, iterations))
+    return [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+
+
+def measure_size(ctx: BenchContext, runners: dict[str, Exchange], x: torch.Tensor, send: list[int],
+                 recv: list[int], expected: torch.Tensor | None, opts: SweepOptions) -> dict[str, tuple[float, int]]:
+    """Per algorithm: this rank's mean seconds per call and its wrong count.
+
+    The timed calls are split into ``opts.rounds`` rounds; each round runs
+    every algorithm once, starting one further along the list than the last,
+    so each algorithm sees the same share of the machine's slow drifts.
+    """
     uniform = opts.splits.uniform
-
-    def call() -> torch.Tensor:
-        return exchange(x, send, recv, uniform)
-
-    for _ in range(opts.warmup):
-        call()
-    _synchronize(ctx.device)
-    dist.barrier(group=ctx.comm.group)
-    seconds = _time_calls(call, opts.iterations, ctx.device) if opts.iterations else 0.0
-    wrong = 0
-    corrupt = bench_check.corrupted_algorithm() == name
-    for _ in range(opts.checks):
-        out = call()
-        if corrupt:
-            out = bench_check.corrupt(out)
-        assert expected is not None
-        wrong += bench_check.count_wrong(out, expected)
-    return seconds, wrong
+    names = list(runners)
+    calls = {name: (lambda ex=runners[name]: ex(x, send, recv, uniform)) for name in names}
+    for name in names:
+        for _ in range(opts.warmup):
+            calls[name]()
+    seconds = dict.fromkeys(names, 0.0)
+    for r, count in enumerate(_round_sizes(opts.iterations, opts.rounds) if opts.iterations else []):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            _synchronize(ctx.device)
+            dist.barrier(group=ctx.comm.group)
+            seconds[name] += _time_calls(calls[name], count, ctx.device) * count
+    corrupted = bench_check.corrupted_algorithm()
+    results = {}
+    for name in names:
+        wrong = 0
+        for _ in range(opts.checks):
+            out = calls[name]()
+            if corrupted == name:
+                out = bench_check.corrupt(out)
+            assert expected is not None
+            wrong += bench_check.count_wrong(out, expected)
+        results[name] = (seconds[name] / opts.iterations if opts.iterations else 0.0, wrong)
+    return results
 
 
 def _reduce(ctx: BenchContext, seconds: float, wrong: int) -> tuple[float, float, float, int]:
@@ -143,7 +162,7 @@ def sweep(ctx: BenchContext, runners: dict[str, Exchange], opts: SweepOptions,
     """Every size, every algorithm; the same rows on every rank."""
     element = torch.empty((), dtype=opts.dtype).element_size()
     n, rank = ctx.world_size, ctx.rank
-    progress = Progress(len(opts.sizes) * len(runners), show_progress and rank == 0)
+    progress = Progress(len(opts.sizes), show_progress and rank == 0)
     rows: list[Measurement] = []
     try:
         for size in opts.sizes:
@@ -155,9 +174,8 @@ def sweep(ctx: BenchContext, runners: dict[str, Exchange], opts: SweepOptions,
             expected = None
             if opts.checks:
                 expected = bench_check.expected_output(opts.seed, rank, matrix, opts.dtype, ctx.device)
-            for name, exchange in runners.items():
-                progress.step(f"{name} {size} B")
-                seconds, wrong = measure(ctx, name, exchange, x, send, recv, expected, opts)
+            progress.step(f"{size} B")
+            for name, (seconds, wrong) in measure_size(ctx, runners, x, send, recv, expected, opts).items():
                 t_max, t_avg, t_min, wrong_sum = _reduce(ctx, seconds, wrong)
                 rows.append(Measurement(name, size, elements // n, t_max * 1e6, t_avg * 1e6, t_min * 1e6,
                                         wrong_sum if opts.checks else None, n))

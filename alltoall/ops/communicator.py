@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import selection, validation
-from alltoall.ops.autograd import AllToAll, AllToAllV
+from alltoall.ops import autograd, selection, validation
 from alltoall.plan import make_plan
 from alltoall.topology import Topology
 from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
@@ -135,7 +134,7 @@ class Communicator:
         x = validation.check_tensor(x, "all_to_all")
         validation.check_divisible(x, self.size, "all_to_all")
         bytes_per_peer = x.numel() * x.element_size() // self.size
-        return AllToAll.apply(x, self._exchangers[self.resolve(algorithm, bytes_per_peer)])
+        return autograd.all_to_all(x, self._exchangers[self.resolve(algorithm, bytes_per_peer)])
 
     def all_to_all_v(
         self,
@@ -166,5 +165,5 @@ class Communicator:
         if output_splits is not None:
             outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
         exchanger = self._exchangers[self.resolve(algorithm, None)]
-        out, received = AllToAllV.apply(x, exchanger, ins, outs)
-        return out if output_splits is not None else (out, received.tolist())
+        out, received = autograd.all_to_all_v(x, exchanger, ins, outs)
+        return out if output_splits is not None else (out, received)

@@ -8,8 +8,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import validation
-from alltoall.ops.autograd import AllToAll, AllToAllV
+from alltoall.ops import autograd, validation
 from alltoall.ops.communicator import Communicator, registered
 from alltoall.plan import make_plan
 from alltoall.transport import GroupRef, resolve_timeout
@@ -52,7 +51,7 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None = None, algorith
         return _communicator(ref, algorithm).all_to_all(x, algorithm)
     x = validation.check_tensor(x, "all_to_all")
     validation.check_divisible(x, len(ref.global_ranks), "all_to_all")
-    return AllToAll.apply(x, _flat_exchanger(ref))
+    return autograd.all_to_all(x, _flat_exchanger(ref))
 
 
 def all_to_all_v(
@@ -77,5 +76,5 @@ def all_to_all_v(
     outs = None
     if output_splits is not None:
         outs = validation.splits_to_list(output_splits, "output_splits", size, None, "all_to_all_v")
-    out, received = AllToAllV.apply(x, _flat_exchanger(ref), ins, outs)
-    return out if output_splits is not None else (out, received.tolist())
+    out, received = autograd.all_to_all_v(x, _flat_exchanger(ref), ins, outs)
+    return out if output_splits is not None else (out, received)

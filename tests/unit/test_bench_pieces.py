@@ -116,8 +116,8 @@ def _run(rows: list[Measurement], skipped: dict[str, str] | None = None) -> benc
     return bench_report.BenchRun(
         argv=["alltoall-bench"], world_size=4, launcher="self", backend="gloo", device="cpu",
         topology="4 ranks on 2 node(s) x 2 rank(s), emulated placement", local_size=2, tp=1, build=["b"],
-        dtype="float", element_size=4, splits="uniform", receive_imbalance=1.0, iterations=2, warmup=1, checks=1,
-        seed=0, threads=1, algorithms={n: n for n in dict.fromkeys(r.algorithm for r in rows)},
+        dtype="float", element_size=4, splits="uniform", receive_imbalance=1.0, iterations=2, rounds=1, warmup=1,
+        checks=1, seed=0, threads=1, algorithms={n: n for n in dict.fromkeys(r.algorithm for r in rows)},
         skipped=skipped or {}, rows=rows)
 
 
