@@ -25,7 +25,7 @@ from alltoall.cli import bench_algorithms, bench_report, bench_traffic
 from alltoall.cli.bench_launch import launched_by_self, self_launch
 from alltoall.cli.bench_run import SweepOptions, sweep
 from alltoall.cli.info import build_lines
-from alltoall.launch import detect_launcher, init_distributed
+from alltoall.launch import LaunchInfo, detect_launcher, init_distributed
 
 EXIT_WRONG = 3
 
@@ -129,38 +129,43 @@ def main(argv: list[str] | None = None) -> int:
 def _run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     launch = init_distributed()
     try:
-        _check_world(parser, args, launch.world_size)
-        device = torch.device("cuda", torch.cuda.current_device()) if launch.backend == "nccl" \
-            else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(args.threads)
-        comm = alltoall.Communicator(local_size=args.local_size)
-        launcher = "self" if launched_by_self() else launch.launcher
-        ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp)
-        runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
-        dtype_name, dtype = args.datatype
-        element_size = torch.empty((), dtype=dtype).element_size()
-        sizes = bench_traffic.size_sweep(args.minbytes, args.maxbytes, args.stepfactor, comm.size, element_size)
-        biggest = bench_traffic.traffic_matrix(args.splits, comm.size, sizes[-1] // element_size, args.seed)
-        run = bench_report.BenchRun(
-            argv=["alltoall-bench", *argv], world_size=comm.size, launcher=launcher, backend=launch.backend,
-            device=str(device), topology=comm.topology.describe(), local_size=args.local_size, tp=args.tp,
-            build=build_lines(), dtype=dtype_name, element_size=element_size, splits=args.splits.text,
-            receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
-            warmup=args.warmup_iters, checks=args.check, seed=args.seed,
-            threads=torch.get_num_threads() if device.type == "cpu" else 0,
-            algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
-        leader = comm.rank == 0
-        if leader:
-            print("\n".join(bench_report.header_lines(run)), flush=True)
-        opts = SweepOptions(sizes, dtype_name, dtype, args.iters, args.warmup_iters, args.check, args.seed,
-                            args.rounds, args.splits)
-        run.rows = sweep(ctx, runners, opts, show_progress=not args.no_progress)
-        if leader:
-            _report(run, args)
-        return EXIT_WRONG if run.wrong_total else 0
+        # In a function of its own, so the Communicator (which holds the
+        # process groups) is released before the groups are destroyed.
+        return _bench(parser, args, argv, launch)
     finally:
         dist.destroy_process_group()
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], launch: LaunchInfo) -> int:
+    _check_world(parser, args, launch.world_size)
+    device = torch.device("cuda", torch.cuda.current_device()) if launch.backend == "nccl" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    comm = alltoall.Communicator(local_size=args.local_size)
+    launcher = "self" if launched_by_self() else launch.launcher
+    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp)
+    runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
+    dtype_name, dtype = args.datatype
+    element_size = torch.empty((), dtype=dtype).element_size()
+    sizes = bench_traffic.size_sweep(args.minbytes, args.maxbytes, args.stepfactor, comm.size, element_size)
+    biggest = bench_traffic.traffic_matrix(args.splits, comm.size, sizes[-1] // element_size, args.seed)
+    run = bench_report.BenchRun(
+        argv=["alltoall-bench", *argv], world_size=comm.size, launcher=launcher, backend=launch.backend,
+        device=str(device), topology=comm.topology.describe(), local_size=args.local_size, tp=args.tp,
+        build=build_lines(), dtype=dtype_name, element_size=element_size, splits=args.splits.text,
+        receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
+        warmup=args.warmup_iters, checks=args.check, seed=args.seed,
+        threads=torch.get_num_threads() if device.type == "cpu" else 0,
+        algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
+    leader = comm.rank == 0
+    if leader:
+        print("\n".join(bench_report.header_lines(run)), flush=True)
+    opts = SweepOptions(sizes, dtype_name, dtype, args.iters, args.warmup_iters, args.check, args.seed,
+                        args.rounds, args.splits)
+    run.rows = sweep(ctx, runners, opts, show_progress=not args.no_progress)
+    if leader:
+        _report(run, args)
+    return EXIT_WRONG if run.wrong_total else 0
 
 
 def _report(run: bench_report.BenchRun, args: argparse.Namespace) -> None:

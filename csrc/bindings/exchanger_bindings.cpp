@@ -25,7 +25,12 @@ ops::Exchanger make_exchanger(plan::ExchangePlan plan, const std::vector<std::pa
 }  // namespace
 
 void register_exchanger(py::module_& m) {
-  py::class_<ops::Exchanger>(m, "Exchanger", "Runs an ExchangePlan over c10d process groups.")
+  // The last reference to a process group may be ours (after
+  // destroy_process_group); its destructor joins gloo's worker threads, which
+  // may need the GIL to free Python-owned tensors of finished work. Holding
+  // the GIL here would deadlock (or std::terminate at interpreter exit).
+  py::class_<ops::Exchanger>(m, "Exchanger", "Runs an ExchangePlan over c10d process groups.",
+                             py::release_gil_before_calling_cpp_dtor())
       .def(py::init(&make_exchanger), py::arg("plan"), py::arg("groups"), py::arg("timeout_seconds"))
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)
       .def("all_to_all", &ops::Exchanger::all_to_all, py::arg("input"), py::call_guard<py::gil_scoped_release>())
