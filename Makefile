@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 BUILT  := $(VENV)/.alltoall-built
 SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: test bench install lint cuda-check clean
+.PHONY: test bench bench-mpi install lint cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +25,23 @@ test: $(BUILT)
 	$(BIN)/python -m pytest
 
 # The default sweep: 8 local ranks as 2 emulated nodes of 4, every available
-# algorithm, 1 KiB to 4 MiB per rank. Results go to bench/results/ (git-ignored).
+# algorithm, 1 KiB to 4 MiB per rank, timed calls in 4 rounds that alternate
+# the algorithms. Results go to bench/results/ (git-ignored). bench-mpi runs
+# the same sweep under MPICH's mpiexec, which adds mpi4py's Alltoall.
 BENCH_OUT  := bench/results
-BENCH_ARGS ?= --nprocs 8 --local-size 4 -b 1K -e 4M -f 2
+BENCH_SWEEP ?= --local-size 4 -b 1K -e 4M -f 2 -R 4
 
 bench: $(BUILT)
 	@mkdir -p $(BENCH_OUT)
-	$(BIN)/alltoall-bench $(BENCH_ARGS) --table $(BENCH_OUT)/alltoall.txt --json $(BENCH_OUT)/alltoall.json \
+	$(BIN)/alltoall-bench --nprocs 8 $(BENCH_SWEEP) --table $(BENCH_OUT)/alltoall.txt --json $(BENCH_OUT)/alltoall.json \
 	    --csv $(BENCH_OUT)/alltoall.csv --plot $(BENCH_OUT)/alltoall.png
 	@echo "make bench: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall.txt .json .csv .png)"
+
+bench-mpi: $(BUILT)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/mpiexec -n 8 $(BIN)/alltoall-bench $(BENCH_SWEEP) --table $(BENCH_OUT)/alltoall-mpi.txt \
+	    --json $(BENCH_OUT)/alltoall-mpi.json --csv $(BENCH_OUT)/alltoall-mpi.csv --plot $(BENCH_OUT)/alltoall-mpi.png
+	@echo "make bench-mpi: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall-mpi.txt .json .csv .png)"
 
 lint: $(BUILT)
 	$(BIN)/ruff check alltoall tests bench setup.py
