@@ -73,7 +73,8 @@ class BenchRun:
 
 
 def header_lines(run: BenchRun) -> list[str]:
-    place = f"{run.world_size} local processes" if run.launcher == "self" else run.launcher
+    place = {"self": f"{run.world_size} local processes", "mpi": "mpiexec (mpi4py)", "slurm": "srun"}.get(
+        run.launcher, run.launcher)
     lines = [
         "# alltoall-bench: all-to-all, out-of-place, nccl-tests alltoall_perf conventions",
         *(f"# {line}" for line in run.build),

@@ -123,7 +123,7 @@ def test_under_mpiexec_runs_mpi_alltoall():
         result = run_cli([str(BIN / "mpiexec"), "-n", "4", sys.executable, "-m", "alltoall.bench", *TINY,
                           "--algorithms", "flat,torch,mpi", "--splits", splits])
         assert_all_correct(result, {"flat", "torch", "mpi"}, sizes=2)
-        assert "launched by mpi" in result.stdout
+        assert "launched by mpiexec (mpi4py)" in result.stdout
 
 
 def test_not_under_a_launcher_needs_nprocs():
