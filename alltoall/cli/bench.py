@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest size, bytes per rank (default 4M)")
     p.add_argument("-f", "--stepfactor", type=_typed(_positive, "factor"), default=2,
                    help="multiply the size by this each step (default 2)")
-    p.add_argument("-n", "--iters", type=_typed(_non_negative, "count"), default=20,
+    p.add_argument("-n", "--iters", type=_typed(_positive, "count"), default=20,
                    help="timed iterations per size (default 20)")
     p.add_argument("-w", "--warmup_iters", type=_typed(_non_negative, "count"), default=5,
                    help="untimed warm-up iterations per size (default 5)")

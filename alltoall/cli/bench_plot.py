@@ -25,9 +25,11 @@ def write_plot(run: BenchRun, path: str) -> None:
         bw_ax.plot(sizes, [r.busbw for r in rows], **style)
         lat_ax.plot(sizes, [r.time_us for r in rows], **style)
     size_ticks = FuncFormatter(lambda v, _pos: format_size(int(v)) if v >= 1 else "")
-    for ax, ylabel in ((bw_ax, "bus bandwidth (GB/s)"), (lat_ax, "time per call (us, max over ranks)")):
+    for ax, ylabel, values in ((bw_ax, "bus bandwidth (GB/s)", [r.busbw for r in run.rows]),
+                               (lat_ax, "time per call (us, max over ranks)", [r.time_us for r in run.rows])):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if any(v > 0 for v in values):  # a world of one rank has busbw 0
+            ax.set_yscale("log")
         ax.xaxis.set_major_formatter(size_ticks)
         ax.set_xlabel("size per rank (bytes)")
         ax.set_ylabel(ylabel)
