@@ -4,14 +4,16 @@ hashed-input check against a simulated exchange, and the report formats
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from alltoall.cli import bench_check, bench_report, bench_traffic
-from alltoall.cli.bench_run import Measurement
+from alltoall.cli.bench_run import Measurement, Progress
 
 SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "bench.schema.json"
 
@@ -163,3 +165,21 @@ def test_json_validates_against_the_schema():
     broken["algorithms"][-1]["results"] = document["algorithms"][0]["results"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema, cls=jsonschema.Draft202012Validator)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream,drawn", [(_Terminal, True), (io.StringIO, False)], ids=["tty", "pipe"])
+def test_progress_bar_only_on_a_terminal(monkeypatch, stream, drawn):
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = Progress(total=4, enabled=True)
+    bar.step("1024 B")
+    bar.step("2048 B")
+    bar.close()
+    assert ("2/4 2048 B" in err.getvalue()) == drawn
+    if not drawn:
+        assert err.getvalue() == ""
