@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import selection, validation
+from alltoall.ops import consistency, selection, validation
 from alltoall.ops.autograd import AllToAll, AllToAllV
 from alltoall.plan import make_plan
 from alltoall.topology import Topology
@@ -119,23 +119,56 @@ class Communicator:
         """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
         return self._exchangers[self.resolve(algorithm)]
 
+    @classmethod
+    def flat_only(cls, group: dist.ProcessGroup | None = None) -> Communicator:
+        """A Communicator for the flat algorithm alone: no topology detection,
+        no subgroups, so building it communicates nothing. The module-level
+        functions use it when no full Communicator exists for the group."""
+        comm = cls.__new__(cls)
+        comm.group_ref = GroupRef.of(group)
+        comm.group = comm.group_ref.group
+        comm.size = dist.get_world_size(comm.group)
+        comm.rank = dist.get_rank(comm.group)
+        comm.timeout = resolve_timeout(None)
+        comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
+        comm._groups = {"world": comm.group_ref}
+        comm._exchangers = {"flat": comm._exchanger_for("flat")}
+        return comm
+
     # Collectives ------------------------------------------------------------
 
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+    def _resolve_for(self, algorithm: str, bytes_per_peer: int | None) -> str:
+        resolved = self.resolve(algorithm, bytes_per_peer)
+        if resolved not in self._exchangers:
+            raise ValueError(f"algorithm={algorithm!r} is not available on this Communicator (it has "
+                             f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
+        return resolved
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None) -> torch.Tensor:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
             x: ``[p * n, *]``; rows ``[d*n, (d+1)*n)`` go to group rank d.
             algorithm: "auto", "flat" or "hierarchical".
+            check: verify first, collectively, that all ranks pass the same
+                dtype, trailing shape and dim 0 (default: ``ALLTOALL_CHECK``).
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
             flows through; the backward is the same exchange.
         """
-        x = validation.check_tensor(x, "all_to_all")
-        validation.check_divisible(x, self.size, "all_to_all")
-        bytes_per_peer = x.numel() * x.element_size() // self.size
-        return AllToAll.apply(x, self._exchangers[self.resolve(algorithm, bytes_per_peer)])
+
+        def validate() -> consistency.Validated:
+            validation.check_tensor(x, "all_to_all")
+            validation.check_divisible(x, self.size, "all_to_all")
+            bytes_per_peer = x.numel() * x.element_size() // self.size
+            return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
+
+        if consistency.enabled(check):
+            plan = consistency.agree("all_to_all", self.group, x, validate)
+        else:
+            plan = validate()
+        return AllToAll.apply(x, self._exchangers[plan.algorithm])
 
     def all_to_all_v(
         self,
@@ -143,6 +176,8 @@ class Communicator:
         input_splits: validation.Splits,
         output_splits: validation.Splits | None = None,
         algorithm: str = "auto",
+        *,
+        check: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
@@ -152,19 +187,29 @@ class Communicator:
             input_splits: rows per destination: ints, or a 1-d int tensor on
                 any device.
             output_splits: rows per source, when known. When None the counts
-                are exchanged with the data.
+                are exchanged with the data, phase by phase.
             algorithm: "auto", "flat" or "hierarchical". "auto" decides on the
                 topology alone, so every rank agrees.
+            check: verify first, collectively, that every rank's
+                input_splits[d] equals what rank d expects, and that dtypes and
+                trailing shapes agree (default: ``ALLTOALL_CHECK``).
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
             ``(output, output_splits)``.
         """
-        x = validation.check_tensor(x, "all_to_all_v")
-        ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
-        outs = None
-        if output_splits is not None:
-            outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
-        exchanger = self._exchangers[self.resolve(algorithm, None)]
-        out, received = AllToAllV.apply(x, exchanger, ins, outs)
+
+        def validate() -> consistency.Validated:
+            validation.check_tensor(x, "all_to_all_v")
+            ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
+            outs = None
+            if output_splits is not None:
+                outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
+            return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
+
+        if consistency.enabled(check):
+            plan = consistency.agree("all_to_all_v", self.group, x, validate)
+        else:
+            plan = validate()
+        out, received = AllToAllV.apply(x, self._exchangers[plan.algorithm], plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received.tolist())

@@ -17,10 +17,16 @@ ALGORITHMS = ("flat", "hierarchical")
 
 @dataclass(frozen=True)
 class LinkUse:
-    """Per-rank traffic on one class of link (intra-node or inter-node)."""
+    """Per-rank traffic on one class of link (intra-node or inter-node).
+
+    ``count_bytes`` is what an uneven exchange (all_to_all_v) sends ahead of
+    the data when output splits are not given: one int64 per block, in as
+    many extra small messages as ``messages``. It is O(p) per rank.
+    """
 
     messages: int
     bytes: int
+    count_bytes: int
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def plan(
     block_bytes = bytes_per_rank / raw.num_blocks
 
     def use(link: _C.LinkTraffic) -> LinkUse:
-        return LinkUse(messages=link.messages, bytes=round(link.blocks * block_bytes))
+        return LinkUse(messages=link.messages, bytes=round(link.blocks * block_bytes), count_bytes=8 * link.counts)
 
     return PlanSummary(
         algorithm=algorithm,

@@ -26,7 +26,8 @@ void register_plan(py::module_& m) {
 
   py::class_<LinkTraffic>(m, "LinkTraffic", "Per-rank messages and blocks on one class of link.")
       .def_readonly("messages", &LinkTraffic::messages)
-      .def_readonly("blocks", &LinkTraffic::blocks);
+      .def_readonly("blocks", &LinkTraffic::blocks)
+      .def_readonly("counts", &LinkTraffic::counts);
 
   py::class_<ExchangePlan>(m, "ExchangePlan", "The exchange plan of one rank (pure data).")
       .def_property_readonly("algorithm", [](const ExchangePlan& p) { return to_string(p.algorithm); })

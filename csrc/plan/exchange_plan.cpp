@@ -73,6 +73,7 @@ void count_traffic(const NodeMap& nodes, ExchangePlan& plan) {
       LinkTraffic& link = nodes.node_of(peer) == my_node ? plan.intra_node : plan.inter_node;
       link.messages += 1;
       link.blocks += phase.blocks_per_peer;
+      link.counts += phase.blocks_per_peer;
     }
   }
 }

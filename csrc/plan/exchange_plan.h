@@ -45,9 +45,12 @@ struct Phase {
 
 // Per-rank traffic on one class of link, counting messages to other ranks
 // only. `blocks` is in units of one block of the rank's send buffer.
+// `counts` is the number of int64 row counts an uneven exchange sends ahead
+// of the data when output splits are not given: one per block, so O(p).
 struct LinkTraffic {
   int64_t messages = 0;
   int64_t blocks = 0;
+  int64_t counts = 0;
 };
 
 struct ExchangePlan {
