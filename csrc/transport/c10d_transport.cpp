@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <sstream>
+#include <thread>
 
 namespace alltoall::transport {
 
@@ -14,6 +15,7 @@ class C10dTransport final : public Transport {
   C10dTransport(std::string group_name, std::vector<int> global_ranks, std::chrono::milliseconds timeout)
       : name_(std::move(group_name)), ranks_(std::move(global_ranks)), timeout_(timeout) {
     group_ = c10d::resolve_process_group(name_);
+    is_gloo_ = group_->getBackendName() == "gloo";
     TORCH_CHECK_VALUE(group_->getSize() == static_cast<int>(ranks_.size()), "process group '", name_, "' has ",
                       group_->getSize(), " ranks but ", ranks_.size(), " were given");
   }
@@ -34,10 +36,23 @@ class C10dTransport final : public Transport {
       if (!work->wait(timeout_)) {
         TORCH_CHECK(false, "did not complete within ", timeout_.count(), " ms");
       }
+      release_here(std::move(work));
     } catch (const std::exception& error) {
       TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(),
                   " ms): ", error.what());
     }
+  }
+
+  // A gloo work object captures the caller's thread-local state, which can
+  // hold Python objects (inside autograd's backward it does). If gloo's worker
+  // thread dropped the last reference it would need the GIL, and at
+  // interpreter exit Python kills threads that wait for the GIL, which
+  // aborts the process. So wait the few microseconds until the worker has
+  // let go, and release the work on this thread.
+  void release_here(c10::intrusive_ptr<c10d::Work> work) const {
+    if (!is_gloo_) return;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    while (work.use_count() > 1 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
   }
 
   std::string describe() const override {
@@ -55,6 +70,7 @@ class C10dTransport final : public Transport {
   std::vector<int> ranks_;
   std::chrono::milliseconds timeout_;
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  bool is_gloo_ = false;
 };
 
 }  // namespace
