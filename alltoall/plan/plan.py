@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from alltoall._library import _C
 
-ALGORITHMS = ("flat", "hierarchical")
+ALGORITHMS = ("flat", "hierarchical", "coordinated")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def plan(
     consecutive ranks, and summarises one rank's traffic.
 
     Flat: p-1 messages. Hierarchical: G-1 intra-node and p/G-1 inter-node
-    messages, each byte crossing both link classes.
+    messages, each byte crossing both link classes. Coordinated (tensor
+    parallel groups of ``tp`` consecutive ranks, input replicated inside
+    them): p/tp-1 all-to-all messages, then tp-1 all-gather messages.
+    ``bytes_per_rank`` is then the size of the replicated input.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

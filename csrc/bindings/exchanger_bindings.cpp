@@ -4,6 +4,7 @@
 
 #include "bindings/register.h"
 #include "ops/exchanger.h"
+#include "ops/group_gather.h"
 #include "transport/c10d_transport.h"
 
 namespace py = pybind11;
@@ -12,11 +13,15 @@ namespace alltoall::bindings {
 
 namespace {
 
+std::chrono::milliseconds to_timeout(double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0, "timeout must be positive, got ", seconds, " s");
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+}
+
 // groups[i] = (group_name, global ranks) of the communicator of phase i.
 ops::Exchanger make_exchanger(plan::ExchangePlan plan, const std::vector<std::pair<std::string, std::vector<int>>>& groups,
                               double timeout_seconds) {
-  TORCH_CHECK_VALUE(timeout_seconds > 0, "timeout must be positive, got ", timeout_seconds, " s");
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000.0));
+  const auto timeout = to_timeout(timeout_seconds);
   std::vector<std::shared_ptr<transport::Transport>> transports;
   for (const auto& [name, ranks] : groups) transports.push_back(transport::make_c10d_transport(name, ranks, timeout));
   return ops::Exchanger(std::move(plan), std::move(transports));
@@ -31,6 +36,15 @@ void register_exchanger(py::module_& m) {
       .def("all_to_all", &ops::Exchanger::all_to_all, py::arg("input"), py::call_guard<py::gil_scoped_release>())
       .def("all_to_all_v", &ops::Exchanger::all_to_all_v, py::arg("input"), py::arg("input_splits"),
            py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>());
+
+  py::class_<ops::GroupGather>(m, "GroupGather", "All-gather along dim 0 over a c10d process group.")
+      .def(py::init([](const std::string& name, std::vector<int> ranks, const std::string& role, double timeout) {
+             return ops::GroupGather(transport::make_c10d_transport(name, std::move(ranks), to_timeout(timeout)), role);
+           }),
+           py::arg("group_name"), py::arg("global_ranks"), py::arg("role"), py::arg("timeout_seconds"))
+      .def_property_readonly("size", &ops::GroupGather::size)
+      .def_property_readonly("rank", &ops::GroupGather::rank)
+      .def("all_gather", &ops::GroupGather::all_gather, py::arg("input"), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace alltoall::bindings

@@ -33,9 +33,10 @@ int index_of(const std::vector<int>& ranks, int rank) {
   return static_cast<int>(it - ranks.begin());
 }
 
-Phase make_phase(GroupRole role, std::vector<int> ranks, int me, int blocks_per_peer, Permutation pre) {
+Phase make_phase(GroupRole role, std::vector<int> ranks, int me, int blocks_per_peer, Permutation pre,
+                 Collective collective = Collective::kAllToAll) {
   Phase phase;
-  phase.collective = Collective::kAllToAll;
+  phase.collective = collective;
   phase.role = role;
   phase.index_in_group = index_of(ranks, me);
   phase.group_ranks = std::move(ranks);
@@ -73,7 +74,8 @@ void count_traffic(const NodeMap& nodes, ExchangePlan& plan) {
       LinkTraffic& link = nodes.node_of(peer) == my_node ? plan.intra_node : plan.inter_node;
       link.messages += 1;
       link.blocks += phase.blocks_per_peer;
-      link.counts += phase.blocks_per_peer;
+      // Gathered sizes follow from the splits every member already knows.
+      if (phase.collective == Collective::kAllToAll) link.counts += phase.blocks_per_peer;
     }
   }
 }
@@ -146,15 +148,41 @@ ExchangePlan hierarchical_plan(const NodeMap& nodes, int rank) {
   return plan;
 }
 
+ExchangePlan coordinated_plan(const NodeMap& nodes, int rank, int tp) {
+  const int p = nodes.world_size();
+  if (tp < 1 || p % tp != 0) {
+    throw std::invalid_argument("tp=" + std::to_string(tp) + " must be >= 1 and divide world_size=" +
+                                std::to_string(p));
+  }
+  ExchangePlan plan;
+  plan.algorithm = Algorithm::kCoordinated;
+  plan.world_size = p;
+  plan.rank = rank;
+  plan.tp = tp;
+  plan.num_blocks = p;
+  std::vector<int> same_tp_rank, tensor_group;
+  for (int r = rank % tp; r < p; r += tp) same_tp_rank.push_back(r);
+  for (int r = rank - rank % tp; r < rank - rank % tp + tp; ++r) tensor_group.push_back(r);
+  plan.phases.push_back(make_phase(GroupRole::kExpert, std::move(same_tp_rank), rank, 1, {}));
+  plan.phases.push_back(
+      make_phase(GroupRole::kTensor, std::move(tensor_group), rank, p / tp, {}, Collective::kAllGather));
+  return plan;
+}
+
 }  // namespace
 
 ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp) {
   check_rank(nodes, rank);
-  if (tp != 1) {
+  if (tp != 1 && algorithm != Algorithm::kCoordinated) {
     throw std::invalid_argument("tp=" + std::to_string(tp) + " applies to the coordinated algorithm only; " +
                                 to_string(algorithm) + " takes tp=1");
   }
-  ExchangePlan plan = algorithm == Algorithm::kFlat ? flat_plan(nodes, rank) : hierarchical_plan(nodes, rank);
+  ExchangePlan plan;
+  switch (algorithm) {
+    case Algorithm::kFlat: plan = flat_plan(nodes, rank); break;
+    case Algorithm::kHierarchical: plan = hierarchical_plan(nodes, rank); break;
+    case Algorithm::kCoordinated: plan = coordinated_plan(nodes, rank, tp); break;
+  }
   simplify(plan);
   count_traffic(nodes, plan);
   return plan;
@@ -163,13 +191,15 @@ ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int 
 Algorithm parse_algorithm(const std::string& name) {
   if (name == "flat") return Algorithm::kFlat;
   if (name == "hierarchical") return Algorithm::kHierarchical;
-  throw std::invalid_argument("unknown algorithm '" + name + "'; expected 'flat' or 'hierarchical'");
+  if (name == "coordinated") return Algorithm::kCoordinated;
+  throw std::invalid_argument("unknown algorithm '" + name + "'; expected 'flat', 'hierarchical' or 'coordinated'");
 }
 
 std::string to_string(Algorithm algorithm) {
   switch (algorithm) {
     case Algorithm::kFlat: return "flat";
     case Algorithm::kHierarchical: return "hierarchical";
+    case Algorithm::kCoordinated: return "coordinated";
   }
   return "?";
 }
@@ -179,6 +209,8 @@ std::string to_string(GroupRole role) {
     case GroupRole::kWorld: return "world";
     case GroupRole::kIntraNode: return "intra_node";
     case GroupRole::kInterNode: return "inter_node";
+    case GroupRole::kExpert: return "expert";
+    case GroupRole::kTensor: return "tensor";
   }
   return "?";
 }
@@ -186,6 +218,7 @@ std::string to_string(GroupRole role) {
 std::string to_string(Collective collective) {
   switch (collective) {
     case Collective::kAllToAll: return "all_to_all";
+    case Collective::kAllGather: return "all_gather";
   }
   return "?";
 }

@@ -29,8 +29,21 @@ class C10dTransport final : public Transport {
     options.timeout = timeout_;
     std::vector<int64_t> out_splits = output_splits;
     std::vector<int64_t> in_splits = input_splits;
+    run(what, [&] { return group_->all_to_all_single(output, input, out_splits, in_splits, options); });
+  }
+
+  void all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) override {
+    c10d::AllgatherOptions options;
+    options.timeout = timeout_;
+    run(what, [&] { return group_->all_gather_single(output, input, options); });
+  }
+
+  // Issues one collective and waits for it, turning any failure into an
+  // error that names the step and the group.
+  template <typename Issue>
+  void run(const std::string& what, Issue&& issue) const {
     try {
-      auto work = group_->all_to_all_single(output, input, out_splits, in_splits, options);
+      auto work = issue();
       // wait(timeout) throws when the timeout passes, and rethrows the
       // backend's own error (for gloo, its per-operation timeout).
       if (!work->wait(timeout_)) {

@@ -122,3 +122,26 @@ def test_bad_plans_name_the_value():
         make_plan([0] * 4, 9, "flat")
     with pytest.raises(ValueError, match="node 1 has no rank"):
         make_plan([0, 2], 0, "flat")
+
+
+@pytest.mark.parametrize("p,g,tp", [(8, 4, 2), (8, 4, 4), (16, 8, 2), (128, 8, 8), (4096, 8, 8), (8, 2, 1)])
+def test_coordinated_sends_p_over_tp_minus_1_then_tp_minus_1(p, g, tp):
+    summary = alltoall.plan(p, g, "coordinated", tp=tp)
+    phases = [(ph.collective, ph.role, len(ph.group_ranks)) for ph in summary.phases]
+    expected = [("all_to_all", "expert", p // tp), ("all_gather", "tensor", tp)]
+    assert phases == [ph for ph in expected if ph[2] > 1]
+    assert summary.messages == (p // tp - 1) + (tp - 1)
+
+
+def test_coordinated_paper_example():
+    # DeepSpeed-MoE 5.3: 128 GPUs with 8-way tensor slicing exchange with 16
+    # peers' worth of latency instead of 128.
+    assert alltoall.plan(128, 8, "coordinated", tp=8).messages == 15 + 7
+    assert alltoall.plan(128, 8, "flat").messages == 127
+
+
+def test_tp_only_applies_to_coordinated():
+    with pytest.raises(ValueError, match="tp=2 applies to the coordinated algorithm only"):
+        alltoall.plan(8, 4, "flat", tp=2)
+    with pytest.raises(ValueError, match="tp=3 must be >= 1 and divide world_size=8"):
+        alltoall.plan(8, 4, "coordinated", tp=3)
