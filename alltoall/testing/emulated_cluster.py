@@ -71,6 +71,15 @@ class ClusterTimeout(TimeoutError):
     """Commands still ran at the deadline; they were killed. The message holds every host's log tail."""
 
 
+def launcher_free_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any launcher's variables (torchrun,
+    Slurm, MPI) or alltoall's topology overrides, plus ``extra``: for starting
+    a fresh job from inside a test or another job."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARS and not k.startswith(_DROPPED_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -159,8 +168,7 @@ class EmulatedCluster:
     # Processes --------------------------------------------------------------
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in _DROPPED_VARS and not k.startswith(_DROPPED_PREFIXES)}
+        env = launcher_free_environment()
         env.update(GLOO_SOCKET_IFNAME=self.network.interface, NCCL_SOCKET_IFNAME=self.network.interface,
                    OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
         env.update(extra or {})
