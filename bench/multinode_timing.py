@@ -73,6 +73,29 @@ def time_once(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iter
     return float(elapsed)
 
 
+def plot(path: str, header: dict, rows: list[dict], algorithms: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes_ = [row["bytes_per_rank"] for row in rows]
+    for a in algorithms:
+        ax.plot(sizes_, [row["seconds"][a] * 1e3 for row in rows], marker="o", label=a)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per rank")
+    ax.set_ylabel("ms per all-to-all (median of reps, slowest rank)")
+    ax.set_title(f"{header['topology']}\n{header['backend']}, link rate {header['link_rate'] or 'not emulated'}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--begin", default="1K")
@@ -82,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-w", "--warmup", type=int, default=3)
     parser.add_argument("-r", "--reps", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the results here (rank 0)")
+    parser.add_argument("--plot", default=None, help="plot time per size to this PNG (rank 0, needs matplotlib)")
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
 
@@ -125,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump({"header": header, "rows": rows}, f, indent=1)
+        if args.plot:
+            plot(args.plot, header, rows, algorithms)
     dist.destroy_process_group()
     return 0
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from alltoall.testing import Host
+from tests.multinode import check_reports
 from tests.multinode.reports import (
     ROOT,
     assert_all_ranks_passed,
@@ -82,6 +83,8 @@ def test_core_suite_under_torchrun(cluster_factory, tmp_path, nodes, per_node):
         assert_topology(cyc["topology"], cyclic, report["cyclic_rank"])
         assert launch["checks"] == expected_counts(world), f"rank {rank}"
         assert cyc["checks"] == expected_counts(world), f"rank {rank}, cyclic"
+    # The checker for real clusters, which learns the hosts from the reports, agrees.
+    assert check_reports.check(tmp_path, world, ["launch", "cyclic"]) == []
 
 
 def test_slurm_bootstrap_with_cyclic_distribution(cluster_factory, tmp_path):
