@@ -42,3 +42,15 @@ def test_creator_pid_only_for_our_names():
     assert netns.creator_pid(f"{netns.PREFIX}-1234-0-br") == 1234
     assert netns.creator_pid("other-1234-0-n1") is None
     assert netns.creator_pid(f"{netns.PREFIX}-x-0-n1") is None
+
+
+def test_requirements_say_what_is_missing(monkeypatch):
+    """What the multinode tests' skip reason says on a machine without root or tools."""
+    if not netns.sys.platform.startswith("linux"):
+        assert "need Linux" in netns.missing_requirements()
+        return
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert netns.missing_requirements() == "network namespaces need root (running as uid 1000)"
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool in ("tc", "unshare") else f"/bin/{tool}")
+    assert netns.missing_requirements() == "missing tools: tc, unshare"
