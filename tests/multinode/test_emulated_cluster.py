@@ -113,10 +113,7 @@ def test_a_run_past_its_deadline_is_killed_and_reported(cluster_factory):
         assert cluster.running_processes() == {"node0": [], "node1": []}
 
 
-def test_leftovers_of_dead_runs_are_removed_and_live_runs_untouched():
-    reason = netns.missing_requirements()
-    if reason:
-        pytest.skip(reason)
+def test_leftovers_of_dead_runs_are_removed_and_live_runs_untouched(cluster_factory):
     finished = subprocess.Popen(["true"])
     finished.wait()
     dead = f"{netns.PREFIX}-{finished.pid}-99-n0"
