@@ -116,7 +116,8 @@ def kill_namespace_processes(namespaces: Iterable[str], grace_s: float = 3.0) ->
 
 def delete_namespaces(namespaces: Iterable[str]) -> None:
     """Kills what runs inside, then deletes; missing namespaces are ignored."""
-    namespaces = [ns for ns in namespaces if ns in set(list_namespaces())]
+    existing = set(list_namespaces())
+    namespaces = [ns for ns in namespaces if ns in existing]
     kill_namespace_processes(namespaces)
     for ns in namespaces:
         run_tool("ip", "netns", "delete", ns, check=False)
