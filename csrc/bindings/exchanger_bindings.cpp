@@ -1,6 +1,7 @@
 #include <torch/python.h>
 
 #include <chrono>
+#include <memory>
 
 #include "bindings/register.h"
 #include "ops/exchanger.h"
@@ -27,10 +28,23 @@ ops::Exchanger make_exchanger(plan::ExchangePlan plan, const std::vector<std::pa
   return ops::Exchanger(std::move(plan), std::move(transports));
 }
 
+// An Exchanger may hold the last reference to a process group (after
+// destroy_process_group). Gloo's destructor joins its worker threads, and a
+// worker that is freeing a tensor created in Python needs the GIL: deleting
+// with the GIL held deadlocks. torch's own ProcessGroup holder releases the
+// GIL on destruction for the same reason.
+struct DeleteWithoutGil {
+  void operator()(ops::Exchanger* exchanger) const {
+    py::gil_scoped_release no_gil;
+    std::default_delete<ops::Exchanger>()(exchanger);
+  }
+};
+
 }  // namespace
 
 void register_exchanger(py::module_& m) {
-  py::class_<ops::Exchanger>(m, "Exchanger", "Runs an ExchangePlan over c10d process groups.")
+  py::class_<ops::Exchanger, std::unique_ptr<ops::Exchanger, DeleteWithoutGil>>(
+      m, "Exchanger", "Runs an ExchangePlan over c10d process groups.")
       .def(py::init(&make_exchanger), py::arg("plan"), py::arg("groups"), py::arg("timeout_seconds"))
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)
       .def("all_to_all", &ops::Exchanger::all_to_all, py::arg("input"), py::call_guard<py::gil_scoped_release>())
