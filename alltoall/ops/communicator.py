@@ -45,6 +45,12 @@ class Communicator:
             ``local_size``.
         timeout: the bound on every blocking wait (timedelta or seconds);
             default ``ALLTOALL_TIMEOUT`` seconds, else 10 minutes.
+        rank_order: relabel the group's ranks, identically on every rank:
+            block i of an input goes to group rank ``rank_order[i]`` and block
+            i of an output comes from it (splits are in this order too). The
+            relabelling is folded into the plans' reorders. Default: group
+            order. A relabelled Communicator is not used by the module-level
+            functions, which must match ``all_to_all_single``.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class Communicator:
         local_size: int | None = None,
         topology: Topology | None = None,
         timeout: timedelta | float | None = None,
+        rank_order: list[int] | None = None,
     ) -> None:
         self.group_ref = GroupRef.of(group)
         self.group = self.group_ref.group
@@ -70,11 +77,15 @@ class Communicator:
                 f"{self.rank} of a group of {self.size}"
             )
         self.topology = topology
+        if rank_order is not None and sorted(rank_order) != list(range(self.size)):
+            raise ValueError(f"rank_order={list(rank_order)} is not a permutation of the group's {self.size} ranks")
+        self.rank_order = None if rank_order is None or list(rank_order) == list(range(self.size)) else list(rank_order)
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
         self._exchangers = {"flat": self._exchanger_for("flat")}
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
-        _by_group[self.group_ref.name] = weakref.ref(self)
+        if self.rank_order is None:
+            _by_group[self.group_ref.name] = weakref.ref(self)
 
     # Set-up -------------------------------------------------------------------
 
@@ -101,7 +112,7 @@ class Communicator:
         return groups
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
-        raw = make_plan(self.topology.node_of_rank, self.rank, algorithm)
+        raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
         groups = [self._groups[phase.role].for_cpp() for phase in raw.phases]
         return _C.Exchanger(raw, groups, self.timeout.total_seconds())
 
@@ -130,6 +141,7 @@ class Communicator:
         comm.size = dist.get_world_size(comm.group)
         comm.rank = dist.get_rank(comm.group)
         comm.timeout = resolve_timeout(None)
+        comm.rank_order = None
         comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
         comm._groups = {"world": comm.group_ref}
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
@@ -165,7 +177,7 @@ class Communicator:
             return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
 
         if consistency.enabled(check):
-            plan = consistency.agree("all_to_all", self.group, x, validate)
+            plan = consistency.agree("all_to_all", self.group, x, validate, self.rank_order)
         else:
             plan = validate()
         return AllToAll.apply(x, self._exchangers[plan.algorithm])
@@ -208,7 +220,7 @@ class Communicator:
             return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
 
         if consistency.enabled(check):
-            plan = consistency.agree("all_to_all_v", self.group, x, validate)
+            plan = consistency.agree("all_to_all_v", self.group, x, validate, self.rank_order)
         else:
             plan = validate()
         out, received = AllToAllV.apply(x, self._exchangers[plan.algorithm], plan.input_splits, plan.output_splits)

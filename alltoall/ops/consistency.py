@@ -54,13 +54,20 @@ def _name(group: dist.ProcessGroup, rank: int) -> str:
     return f"group rank {rank} (global {dist.get_global_rank(group, rank)})"
 
 
-def agree(op: str, group: dist.ProcessGroup, x: torch.Tensor, validate: Callable[[], Validated]) -> Validated:
+def agree(
+    op: str,
+    group: dist.ProcessGroup,
+    x: torch.Tensor,
+    validate: Callable[[], Validated],
+    rank_order: list[int] | None = None,
+) -> Validated:
     """Runs ``validate`` on every rank and raises the same ValueError on all
     of them if any rank failed or the ranks disagree; collective over ``group``.
 
     Equal splits (no splits in the result) need the same dim 0 everywhere.
     Uneven splits need input_splits[d] on rank s to equal output_splits[s]
-    on rank d, whenever output_splits are given.
+    on rank d, whenever output_splits are given. With ``rank_order``, splits
+    are in that order (see Communicator) and are compared in group order.
     """
     try:
         mine = validate()
@@ -74,7 +81,7 @@ def agree(op: str, group: dist.ProcessGroup, x: torch.Tensor, validate: Callable
     if not problems:
         problems = _disagreements(group, records, equal=mine.input_splits is None)
     if not problems and mine.output_splits is not None:
-        problems = _split_mismatches(group, x.device, mine)
+        problems = _split_mismatches(group, x.device, mine, rank_order)
     if problems:
         size = dist.get_world_size(group)
         raise ValueError(f"{op}: the {size} ranks of the group disagree (check=True):\n  " + "\n  ".join(problems))
@@ -97,12 +104,17 @@ def _disagreements(group: dist.ProcessGroup, records: list[_Record], equal: bool
     return problems
 
 
-def _split_mismatches(group: dist.ProcessGroup, device: torch.device, mine: Validated) -> list[str]:
+def _split_mismatches(group: dist.ProcessGroup, device: torch.device, mine: Validated,
+                      rank_order: list[int] | None) -> list[str]:
+    ins, expected = mine.input_splits, mine.output_splits
+    if rank_order is not None:  # caller order -> group order
+        ins, expected = [0] * len(ins), [0] * len(expected)
+        for i, g in enumerate(rank_order):
+            ins[g], expected[g] = mine.input_splits[i], mine.output_splits[i]
     # Each rank learns what every peer is about to send it: p counts.
-    sent = torch.tensor(mine.input_splits, dtype=torch.int64, device=device)
+    sent = torch.tensor(ins, dtype=torch.int64, device=device)
     arriving = torch.empty_like(sent)
     dist.all_to_all_single(arriving, sent, group=group)
-    expected = mine.output_splits
     local = [(s, n, expected[s]) for s, n in enumerate(arriving.tolist()) if n != expected[s]]
     reports: list[list[tuple[int, int, int]] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(reports, (len(local), local[:MAX_REPORTED]), group=group)
@@ -111,7 +123,7 @@ def _split_mismatches(group: dist.ProcessGroup, device: torch.device, mine: Vali
         total += count
         for source, n, want in shown:
             problems.append(f"{_name(group, source)} sends {n} rows to {_name(group, receiver)}, which expects "
-                            f"{want} (its output_splits[{source}])")
+                            f"{want}")
     problems = problems[:MAX_REPORTED]
     if total > len(problems):
         problems.append(f"... {total - len(problems)} more mismatched rank pairs, {total} in all")

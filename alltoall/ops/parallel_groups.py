@@ -27,6 +27,12 @@ class ParallelGroups:
     and inter-node subgroups, ready for the hierarchical algorithm). See
     ``RankLayout`` for the layout and docs/parallelism.md for tables.
 
+    ``tp_rank``, ``ep_rank`` and ``dp_rank`` are the layout's coordinates.
+    Blocks of the coordinated exchange go to EP ranks by ``ep_rank``, and
+    ``ep_comm`` indexes its peers the same way. These equal the ranks within
+    the process groups except on interleaved placements, where the layout
+    keeps TP groups inside nodes and the ranks are relabelled to match.
+
     Args:
         tp: tensor-parallel degree L.
         ep: expert-parallel degree; default world/tp.
@@ -80,7 +86,13 @@ class ParallelGroups:
         ep_members = self.layout.group_of("ep", rank)
         ep_topology = Topology.from_node_ids([topology.node_of_rank[r] for r in ep_members],
                                              ep_members.index(rank), emulated=topology.emulated)
-        self.ep_comm = Communicator(self.ep_group, topology=ep_topology, timeout=self.timeout)
+        # Blocks are addressed by EP coordinate, which every TP replica agrees
+        # on; group order (ascending global rank) can differ from it when
+        # nodes are interleaved, so the EP Communicator is relabelled.
+        ep_order = [0] * self.ep
+        for position, r in enumerate(ep_members):
+            ep_order[self.layout.coordinates(r)["ep"]] = position
+        self.ep_comm = Communicator(self.ep_group, topology=ep_topology, timeout=self.timeout, rank_order=ep_order)
         tp_ref = self._refs["tp"]
         gather = _C.GroupGather(tp_ref.name, list(tp_ref.global_ranks), "tensor parallel", self.timeout.total_seconds())
         t_of_member = tuple(self.layout.coordinates(r)["tp"] for r in tp_ref.global_ranks)

@@ -53,11 +53,21 @@ class PlanSummary:
         return self.intra_node.messages + self.inter_node.messages
 
 
-def make_plan(node_of_rank: Sequence[int], rank: int, algorithm: str, tp: int = 1) -> _C.ExchangePlan:
-    """The C++ plan of ``rank`` for a group whose rank r sits on node_of_rank[r]."""
+def make_plan(
+    node_of_rank: Sequence[int],
+    rank: int,
+    algorithm: str,
+    tp: int = 1,
+    rank_order: Sequence[int] | None = None,
+) -> _C.ExchangePlan:
+    """The C++ plan of ``rank`` for a group whose rank r sits on node_of_rank[r].
+
+    ``rank_order`` relabels the group: block i goes to (and output block i
+    comes from) group rank rank_order[i].
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-    return _C.make_plan(list(node_of_rank), rank, algorithm, tp)
+    return _C.make_plan(list(node_of_rank), rank, algorithm, tp, list(rank_order or []))
 
 
 def plan(

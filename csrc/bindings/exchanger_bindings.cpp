@@ -28,22 +28,23 @@ ops::Exchanger make_exchanger(plan::ExchangePlan plan, const std::vector<std::pa
   return ops::Exchanger(std::move(plan), std::move(transports));
 }
 
-// An Exchanger may hold the last reference to a process group (after
+// An Exchanger or GroupGather may hold the last reference to a process group (after
 // destroy_process_group). Gloo's destructor joins its worker threads, and a
 // worker that is freeing a tensor created in Python needs the GIL: deleting
 // with the GIL held deadlocks. torch's own ProcessGroup holder releases the
 // GIL on destruction for the same reason.
+template <typename T>
 struct DeleteWithoutGil {
-  void operator()(ops::Exchanger* exchanger) const {
+  void operator()(T* object) const {
     py::gil_scoped_release no_gil;
-    std::default_delete<ops::Exchanger>()(exchanger);
+    std::default_delete<T>()(object);
   }
 };
 
 }  // namespace
 
 void register_exchanger(py::module_& m) {
-  py::class_<ops::Exchanger, std::unique_ptr<ops::Exchanger, DeleteWithoutGil>>(
+  py::class_<ops::Exchanger, std::unique_ptr<ops::Exchanger, DeleteWithoutGil<ops::Exchanger>>>(
       m, "Exchanger", "Runs an ExchangePlan over c10d process groups.")
       .def(py::init(&make_exchanger), py::arg("plan"), py::arg("groups"), py::arg("timeout_seconds"))
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)
@@ -51,7 +52,8 @@ void register_exchanger(py::module_& m) {
       .def("all_to_all_v", &ops::Exchanger::all_to_all_v, py::arg("input"), py::arg("input_splits"),
            py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>());
 
-  py::class_<ops::GroupGather>(m, "GroupGather", "All-gather along dim 0 over a c10d process group.")
+  py::class_<ops::GroupGather, std::unique_ptr<ops::GroupGather, DeleteWithoutGil<ops::GroupGather>>>(
+      m, "GroupGather", "All-gather along dim 0 over a c10d process group.")
       .def(py::init([](const std::string& name, std::vector<int> ranks, const std::string& role, double timeout) {
              return ops::GroupGather(transport::make_c10d_transport(name, std::move(ranks), to_timeout(timeout)), role);
            }),

@@ -171,7 +171,36 @@ ExchangePlan coordinated_plan(const NodeMap& nodes, int rank, int tp) {
 
 }  // namespace
 
-ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp) {
+// Folds a relabelling of the group's ranks into the first and last reorders.
+void relabel(ExchangePlan& plan, const std::vector<int>& rank_order) {
+  const int p = plan.world_size;
+  if (static_cast<int>(rank_order.size()) != p) {
+    throw std::invalid_argument("rank_order has " + std::to_string(rank_order.size()) +
+                                " entries but the group has " + std::to_string(p) + " ranks");
+  }
+  if (plan.num_blocks != p) {
+    throw std::invalid_argument("rank_order does not apply to the " + to_string(plan.algorithm) + " plan");
+  }
+  Permutation to_group_order(p, -1);  // group rank g's block is the caller's block i
+  for (int i = 0; i < p; ++i) {
+    const int g = rank_order[i];
+    if (g < 0 || g >= p || to_group_order[g] != -1) {
+      throw std::invalid_argument("rank_order must be a permutation of 0.." + std::to_string(p - 1) +
+                                  "; entry " + std::to_string(i) + " is " + std::to_string(g));
+    }
+    to_group_order[g] = i;
+  }
+  const Permutation to_caller_order(rank_order.begin(), rank_order.end());
+  if (plan.phases.empty()) {
+    plan.post_permutation = compose(compose(to_group_order, plan.post_permutation), to_caller_order);
+  } else {
+    plan.phases.front().pre_permutation = compose(to_group_order, plan.phases.front().pre_permutation);
+    plan.post_permutation = compose(plan.post_permutation, to_caller_order);
+  }
+}
+
+ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp,
+                       const std::vector<int>& rank_order) {
   check_rank(nodes, rank);
   if (tp != 1 && algorithm != Algorithm::kCoordinated) {
     throw std::invalid_argument("tp=" + std::to_string(tp) + " applies to the coordinated algorithm only; " +
@@ -183,6 +212,7 @@ ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int 
     case Algorithm::kHierarchical: plan = hierarchical_plan(nodes, rank); break;
     case Algorithm::kCoordinated: plan = coordinated_plan(nodes, rank, tp); break;
   }
+  if (!rank_order.empty()) relabel(plan, rank_order);
   simplify(plan);
   count_traffic(nodes, plan);
   return plan;

@@ -79,7 +79,14 @@ struct ExchangePlan {
 // rank. Phase 1 sends this rank's block for every destination to the ranks
 // that share its TP rank; phase 2 all-gathers the results inside the TP
 // group, which rebuilds the replicated output.
-ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp = 1);
+//
+// `rank_order`, when not empty, relabels the group: the caller's block i goes
+// to group rank rank_order[i] and its output block i comes from that rank.
+// The relabelling folds into the first and last reorders, so it costs nothing
+// beyond them. ParallelGroups uses it to index EP ranks by their expert
+// coordinate when group order (ascending global rank) differs from it.
+ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp = 1,
+                       const std::vector<int>& rank_order = {});
 
 Algorithm parse_algorithm(const std::string& name);
 std::string to_string(Algorithm algorithm);

@@ -50,10 +50,16 @@ class C10dTransport final : public Transport {
         TORCH_CHECK(false, "did not complete within ", timeout_.count(), " ms");
       }
       release_here(std::move(work));
+    } catch (const c10::Error& error) {
+      // The backend's message without its C++ backtrace: ours is enough.
+      fail(what, error.what_without_backtrace());
     } catch (const std::exception& error) {
-      TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(),
-                  " ms): ", error.what());
+      fail(what, error.what());
     }
+  }
+
+  [[noreturn]] void fail(const std::string& what, const char* cause) const {
+    TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(), " ms): ", cause);
   }
 
   // A gloo work object captures the caller's thread-local state, which can

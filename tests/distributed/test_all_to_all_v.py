@@ -167,7 +167,7 @@ def _mismatch(case: str, use_env: bool) -> str:
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("splits", r"rank 1 sends \d+ rows to rank 0, which expects \d+ \(its output_splits\[1\]\)"),
+    ("splits", r"rank 1 sends \d+ rows to rank 0, which expects \d+"),
     ("dtype", re.escape("rank 2 passes torch.float16 rows of shape (2,) but rank 0 passes torch.float32")),
     ("shape", re.escape("rank 3 passes torch.float32 rows of shape (3,) but rank 0 passes torch.float32 rows of "
                         "shape (2,)")),

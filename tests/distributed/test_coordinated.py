@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import alltoall
-from alltoall.ops.coordinated import Chunking
-from tests.harness.checks import assert_same_bytes, rank_input
+from tests.harness.checks import rank_input
+from tests.harness.coordinated_reference import check_equal, check_uneven, replica_key
 
 CONFIGS = [  # (tp, ep, local_size, tp_inside_node)
     (2, 4, 4, True), (2, 4, 2, True),
@@ -20,58 +20,15 @@ CONFIGS = [  # (tp, ep, local_size, tp_inside_node)
 ]
 
 
-def naive(x: torch.Tensor, group, ins=None, outs=None) -> torch.Tensor:
-    rows = x.shape[0] if outs is None else sum(outs)
-    out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype)
-    dist.all_to_all_single(out, x, outs, ins, group=group)
-    return out
-
-
-def chunks_of(full: torch.Tensor, block_rows: list[int], tp: int, t: int) -> torch.Tensor:
-    chunking = Chunking(tuple(block_rows), tp)
-    return torch.ops.alltoall.gather_blocks(full, chunking.chunk_starts(t), chunking.sizes(t))
-
-
-def replica_key(groups: alltoall.ParallelGroups, salt: int) -> int:
-    """The same on every rank of a TP group: what makes inputs replicated."""
-    return salt * 1000 + groups.dp_rank * 100 + groups.ep_rank
-
-
-def _equal(tp: int, ep: int, local_size: int, inside: bool) -> None:
+def _equal(tp: int, ep: int, local_size: int, inside: bool) -> int:
     groups = alltoall.ParallelGroups(tp, ep, local_size=local_size, tp_inside_node=inside)
     assert (groups.tp, groups.ep, groups.dp) == (tp, ep, 8 // (tp * ep))
-    t, rows = groups.tp_rank, ep * tp * 3
-    x = rank_input(replica_key(groups, 1), rows, (5,), torch.float32)
-    reference = naive(x, groups.ep_group)
-    expected = chunks_of(reference, [rows // ep] * ep, tp, t)
-    full_y = rank_input(replica_key(groups, 2), rows, (5,), torch.float32)
-    y = chunks_of(full_y, [rows // ep] * ep, tp, t)
-    for algorithm in ("flat", "hierarchical"):
-        out = groups.coordinated_all_to_all(x, algorithm)
-        assert_same_bytes(out, expected, f"dispatch {algorithm}")
-        assert_same_bytes(groups.coordinated_all_to_all_back(out, algorithm), x, f"round trip {algorithm}")
-        assert_same_bytes(groups.coordinated_all_to_all_back(y, algorithm), naive(full_y, groups.ep_group),
-                          f"combine {algorithm}")
+    return check_equal(groups, ("flat", "hierarchical"), torch.device("cpu"))
 
 
-def _uneven(tp: int, ep: int, local_size: int, inside: bool) -> None:
+def _uneven(tp: int, ep: int, local_size: int, inside: bool) -> int:
     groups = alltoall.ParallelGroups(tp, ep, local_size=local_size, tp_inside_node=inside)
-    t = groups.tp_rank
-    g = torch.Generator().manual_seed(7 + groups.dp_rank)  # one split matrix per EP group
-    matrix = torch.randint(0, 7, (ep, ep), generator=g).tolist()
-    matrix[0][ep - 1] = 0  # a zero-sized block
-    ins, outs = matrix[groups.ep_rank], [matrix[s][groups.ep_rank] for s in range(ep)]
-    x = rank_input(replica_key(groups, 3), sum(ins), (3,), torch.float32)
-    reference = naive(x, groups.ep_group, ins, outs)
-    expected = chunks_of(reference, outs, tp, t)
-    for algorithm in ("flat", "hierarchical"):
-        out = groups.coordinated_all_to_all_v(x, ins, outs, algorithm)
-        assert_same_bytes(out, expected, f"dispatch-v {algorithm}")
-        out2, chunk_splits = groups.coordinated_all_to_all_v(x, ins, algorithm=algorithm)
-        assert_same_bytes(out2, expected, f"dispatch-v counts exchanged {algorithm}")
-        assert chunk_splits == Chunking(tuple(outs), tp).sizes(t)
-        back = groups.coordinated_all_to_all_back_v(out, chunk_splits, ins, algorithm)
-        assert_same_bytes(back, x, f"round trip v {algorithm}")
+    return check_uneven(groups, ("flat", "hierarchical"), torch.device("cpu"))
 
 
 def _gradients(tp: int, ep: int, local_size: int, inside: bool) -> None:
@@ -103,12 +60,12 @@ def _gradients(tp: int, ep: int, local_size: int, inside: bool) -> None:
 
 @pytest.mark.parametrize("tp,ep,local_size,inside", CONFIGS)
 def test_coordinated_equals_naive(worlds, tp, ep, local_size, inside):
-    worlds.run(8, _equal, tp, ep, local_size, inside)
+    assert worlds.run(8, _equal, tp, ep, local_size, inside) == [6] * 8
 
 
 @pytest.mark.parametrize("tp,ep,local_size,inside", CONFIGS)
 def test_coordinated_v_equals_naive(worlds, tp, ep, local_size, inside):
-    worlds.run(8, _uneven, tp, ep, local_size, inside)
+    assert worlds.run(8, _uneven, tp, ep, local_size, inside) == [6] * 8
 
 
 @pytest.mark.parametrize("tp,ep,local_size,inside", [(2, 4, 4, True), (4, 2, 4, True), (2, 2, 2, True),
@@ -152,3 +109,19 @@ def _bad_configurations() -> None:
 
 def test_bad_configurations_raise_value_errors(worlds):
     worlds.run(8, _bad_configurations, deadline_s=90)
+
+
+def _interleaved(tp: int, ep: int) -> int:
+    # Slurm-cyclic nodes {0,2,4,6} and {1,3,5,7}: TP groups stay inside nodes,
+    # so EP coordinates and group order differ and the EP ranks are relabelled.
+    topology = alltoall.Topology.from_node_ids([0, 1] * 4, dist.get_rank())
+    groups = alltoall.ParallelGroups(tp, ep, topology=topology)
+    for ranks in groups.layout.groups("tp"):
+        assert len({topology.node_of_rank[r] for r in ranks}) == 1, ranks
+    algorithms = ("flat", "hierarchical")
+    return check_equal(groups, algorithms, torch.device("cpu")) + check_uneven(groups, algorithms, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 4), (4, 2), (2, 2)])
+def test_coordinated_on_interleaved_nodes(worlds, tp, ep):
+    assert worlds.run(8, _interleaved, tp, ep) == [12] * 8

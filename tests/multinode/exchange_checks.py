@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import alltoall
 from tests.harness.checks import assert_same_bytes, rank_input
+from tests.harness.coordinated_reference import check_equal, check_uneven
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64]
 TRAILING = [(), (5,)]
@@ -123,16 +124,25 @@ def subgroups(comm: alltoall.Communicator, device: torch.device, seed: int) -> i
     return len(algorithms)
 
 
+def coordinated(comm: alltoall.Communicator, device: torch.device, seed: int) -> int:
+    """ParallelGroups on the detected hosts (TP groups inside hosts, EP
+    groups across them) and the coordinated exchange against the naive one."""
+    if dist.get_world_size() < 4 or comm.topology.ranks_per_node is None or comm.topology.ranks_per_node % 2:
+        return 0
+    groups = alltoall.ParallelGroups(tp=2, topology=comm.topology, timeout=comm.timeout)
+    for ranks in groups.layout.groups("tp"):
+        assert len({comm.topology.node_of_rank[r] for r in ranks}) == 1, f"TP group {ranks} spans hosts"
+    algorithms = ("flat", "hierarchical")
+    return check_equal(groups, algorithms, device) + check_uneven(groups, algorithms, device)
+
+
 CHECKS = {
     "equal": equal_splits,
     "large": large,
     "v": uneven_splits,
     "backward": backward,
     "subgroups": subgroups,
-    # INTEGRATION POINT, issue 4 (coordinated exchange): add "coordinated" here,
-    # a check that builds alltoall.ParallelGroups(tp=..., topology=comm.topology)
-    # and compares groups.coordinated_all_to_all / coordinated_all_to_all_back
-    # with the DeepSpeed sequence (drop over TP, all_to_all_single over EP, gather).
+    "coordinated": coordinated,
     # INTEGRATION POINT, issue 5 (MoE layer): add "moe", the layer's forward and
     # backward against its pure-torch reference on the same tokens.
     # tests/multinode/test_suite.py lists both as pending until they land.

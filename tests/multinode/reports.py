@@ -27,6 +27,7 @@ def expected_counts(world_size: int, checks: Sequence[str] = tuple(ec.CHECKS)) -
         "v": len(ec.V_SEEDS) * (2 * len(ec.ALGORITHMS) + 2),
         "backward": 2,
         "subgroups": 2 if world_size >= 4 else 0,
+        "coordinated": 12 if world_size >= 4 else 0,
     }
     return {name: counts[name] for name in checks}
 

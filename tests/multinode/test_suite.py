@@ -173,12 +173,6 @@ def test_a_failed_rank_fails_the_others_within_the_timeout(cluster_factory, tmp_
     assert set(survivors) <= set(reports)
 
 
-@pytest.mark.skip(reason="pending issue 4: alltoall.ParallelGroups.coordinated_all_to_all is not on this branch; "
-                         "add a 'coordinated' check at the INTEGRATION POINT in tests/multinode/exchange_checks.py")
-def test_coordinated_exchange():
-    """Placeholder so the report shows what the suite does not cover yet."""
-
-
 @pytest.mark.skip(reason="pending issue 5: the MoE layer is not on this branch; add a 'moe' check at the "
                          "INTEGRATION POINT in tests/multinode/exchange_checks.py")
 def test_moe_layer():

@@ -43,11 +43,15 @@ def test_bytes_per_link_class(p, g):
     assert hier.inter_node.bytes == round((p // g - 1) * g * block)
 
 
-def simulate(node_of_rank: list[int], algorithm: str) -> list[list[tuple[int, int]]]:
-    """Runs every rank's plan on blocks labelled (source, destination)."""
+def simulate(
+    node_of_rank: list[int], algorithm: str, rank_order: list[int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """Runs every rank's plan on blocks labelled (source, destination), where
+    block i of a rank's input is for group rank rank_order[i]."""
     p = len(node_of_rank)
-    plans = [make_plan(node_of_rank, r, algorithm) for r in range(p)]
-    buffers = [[(r, d) for d in range(p)] for r in range(p)]
+    order = rank_order or list(range(p))
+    plans = [make_plan(node_of_rank, r, algorithm, rank_order=rank_order) for r in range(p)]
+    buffers = [[(r, order[i]) for i in range(p)] for r in range(p)]
     for step in range(len(plans[0].phases)):
         for r in range(p):
             perm = plans[r].phases[step].pre_permutation
@@ -99,6 +103,24 @@ def test_plan_delivers_what_flat_all_to_all_delivers(node_of_rank, algorithm):
     result = simulate(node_of_rank, algorithm)
     for r in range(p):
         assert result[r] == [(s, r) for s in range(p)]
+
+
+@pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
+@pytest.mark.parametrize("node_of_rank", layouts()[:8], ids=lambda n: "".join(map(str, n)))
+def test_rank_order_relabels_sources_and_destinations(node_of_rank, algorithm):
+    p = len(node_of_rank)
+    order = list(range(p))
+    random.Random(p).shuffle(order)
+    result = simulate(node_of_rank, algorithm, order)
+    for r in range(p):
+        assert result[r] == [(order[i], r) for i in range(p)]
+
+
+def test_rank_order_must_be_a_permutation():
+    with pytest.raises(ValueError, match="entry 2 is 1"):
+        make_plan([0, 0, 1, 1], 0, "flat", rank_order=[0, 1, 1, 3])
+    with pytest.raises(ValueError, match="rank_order has 3 entries"):
+        make_plan([0, 0, 1, 1], 0, "flat", rank_order=[0, 1, 2])
 
 
 def test_consecutive_nodes_need_no_final_reorder():
