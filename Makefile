@@ -24,12 +24,13 @@ install: $(BUILT)
 test: $(BUILT)
 	$(BIN)/python -m pytest
 
-# The default sweep: 8 local ranks as 2 emulated nodes of 4, every available
+# The default sweep: 8 local ranks as 2 emulated nodes of 4 (TP groups of 2 for
+# "coordinated"), every available
 # algorithm, 1 KiB to 4 MiB per rank, 100 timed calls in 10 rounds that alternate
 # the algorithms. Results go to bench/results/ (git-ignored). bench-mpi runs
 # the same sweep under MPICH's mpiexec, which adds mpi4py's Alltoall.
 BENCH_OUT  := bench/results
-BENCH_SWEEP ?= --local-size 4 -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
+BENCH_SWEEP ?= --local-size 4 --tp 2 -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
 
 bench: $(BUILT)
 	@mkdir -p $(BENCH_OUT)

@@ -143,7 +143,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         torch.set_num_threads(args.threads)
     comm = alltoall.Communicator(local_size=args.local_size)
     launcher = "self" if launched_by_self() else launch.launcher
-    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp)
+    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform)
     runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
     dtype_name, dtype = args.datatype
     element_size = torch.empty((), dtype=dtype).element_size()

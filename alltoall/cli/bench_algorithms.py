@@ -18,8 +18,12 @@ import torch
 import torch.distributed as dist
 
 import alltoall
+from alltoall.cli import bench_check
 
 Exchange = Callable[[torch.Tensor, list[int], list[int], bool], torch.Tensor]
+# (seed, traffic matrix, dtype) -> (this rank's input, what it must receive),
+# for algorithms whose input is not the default one (see bench_check).
+Workload = Callable[["BenchContext", int, list[list[int]], torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -31,6 +35,7 @@ class BenchContext:
     backend: str
     device: torch.device
     tp: int
+    uniform_splits: bool = True
 
     @property
     def world_size(self) -> int:
@@ -50,12 +55,15 @@ class Algorithm:
         description: what is called, for the table header.
         unavailable: the reason it cannot run in this context, or None.
         build: makes the exchange; may be collective (every rank calls it).
+        workload: its own input and expected output, when they are not the
+            default hashed per-rank buffers.
     """
 
     name: str
     description: str
     unavailable: Callable[[BenchContext], str | None]
     build: Callable[[BenchContext], Exchange]
+    workload: Workload | None = None
 
 
 # Our algorithms, through the public Communicator API --------------------------
@@ -86,23 +94,46 @@ def _hierarchical_unavailable(ctx: BenchContext) -> str | None:
     return None
 
 
-# Parallelism-coordinated all-to-all (issue 4) ---------------------------------
-# INTEGRATION POINT: when alltoall.ParallelGroups lands, build it here with
-# alltoall.ParallelGroups(tp=ctx.tp, ...) (collective, so in build, never in
-# the exchange), return an Exchange over groups.coordinated_all_to_all, make
-# bench_check.expected_output describe what each rank receives, and change
-# _coordinated_unavailable to check only what the algorithm itself needs.
+# Parallelism-coordinated all-to-all -------------------------------------------
+# Its input is replicated across each TP group (what the TP all-reduce leaves),
+# so each TP group hashes one buffer; ``size`` is that buffer's bytes per
+# rank. Each rank sends 1/tp of it (its chunk of every destination block) to
+# the ranks that share its TP rank: the dispatch of DeepSpeed-MoE section 5.3.
 
 
-def _coordinated_unavailable(_ctx: BenchContext) -> str | None:
-    if not hasattr(alltoall, "ParallelGroups"):
-        return "not available in this build (alltoall.ParallelGroups, issue 4, is not in it)"
-    return "not available in this build of alltoall-bench (no runner yet: see alltoall/cli/bench_algorithms.py)"
+def _coordinated_layout(ctx: BenchContext) -> alltoall.RankLayout:
+    return alltoall.RankLayout(ctx.comm.topology, tp=ctx.tp)
 
 
-def _coordinated_build(_ctx: BenchContext) -> Exchange:
-    raise NotImplementedError("the coordinated runner is not written yet; see the integration point above")
+def _coordinated_unavailable(ctx: BenchContext) -> str | None:
+    if not ctx.uniform_splits:
+        return "times uniform splits only (its blocks are cut into tp equal chunks)"
+    try:
+        _coordinated_layout(ctx)
+    except ValueError as error:
+        return str(error)
+    return None
 
+
+def _coordinated_build(ctx: BenchContext) -> Exchange:
+    groups = alltoall.ParallelGroups(tp=ctx.tp, topology=ctx.comm.topology, timeout=ctx.comm.timeout)
+
+    def exchange(x: torch.Tensor, send: list[int], recv: list[int], uniform: bool) -> torch.Tensor:
+        return groups.coordinated_all_to_all(x)
+
+    return exchange
+
+
+def _coordinated_workload(ctx: BenchContext, seed: int, matrix: list[list[int]],
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _coordinated_layout(ctx)
+    coords = layout.coordinates(ctx.rank)
+    replica = coords["ep"] + layout.ep * coords["dp"]  # one buffer per TP group
+    total = sum(matrix[ctx.rank])
+    x = bench_check.make_input(seed, bench_check.REPLICA_SOURCE + replica, total, dtype, ctx.device)
+    expected = bench_check.expected_coordinated(seed, coords["ep"], coords["tp"], coords["dp"], layout.ep,
+                                                layout.tp, total, dtype, ctx.device)
+    return x, expected
 
 # Baselines --------------------------------------------------------------------
 
@@ -176,8 +207,8 @@ REGISTRY: dict[str, Algorithm] = {
                   _always, _communicator_exchange("flat")),
         Algorithm("hierarchical", 'Communicator.all_to_all / all_to_all_v, algorithm="hierarchical"',
                   _hierarchical_unavailable, _communicator_exchange("hierarchical")),
-        Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all (TP-deduplicated, over EP)",
-                  _coordinated_unavailable, _coordinated_build),
+        Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
+                  _coordinated_unavailable, _coordinated_build, _coordinated_workload),
         Algorithm("torch", "torch.distributed.all_to_all_single (baseline)", _always, _torch_build),
         Algorithm("mpi", "mpi4py Comm.Alltoall / Alltoallv on host bytes", _mpi_unavailable, _mpi_build),
     )

@@ -72,6 +72,23 @@ def expected_output(seed: int, rank: int, matrix: list[list[int]], dtype: torch.
     return hash_to_dtype(element_hash(seed, sources.to(device), index), dtype)
 
 
+# Source ids of TP-replicated buffers, apart from the ranks' own.
+REPLICA_SOURCE = 1 << 20
+
+
+def expected_coordinated(seed: int, ep_rank: int, tp_rank: int, dp_rank: int, ep: int, tp: int, total: int,
+                         dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """What rank (ep_rank, tp_rank) of replica dp_rank receives from the
+    coordinated dispatch of ``total``-element TP-replicated buffers: from each
+    EP source s, chunk tp_rank of the block s's buffer holds for ep_rank."""
+    block = total // ep
+    chunk = block // tp
+    start = ep_rank * block + tp_rank * chunk
+    index = torch.arange(start, start + chunk, dtype=torch.int64, device=device)
+    parts = [element_hash(seed, REPLICA_SOURCE + s + ep * dp_rank, index) for s in range(ep)]
+    return hash_to_dtype(torch.cat(parts), dtype)
+
+
 def count_wrong(received: torch.Tensor, expected: torch.Tensor) -> int:
     """Elements that differ; a wrong shape counts every expected element
     (and any extra received one) as wrong."""

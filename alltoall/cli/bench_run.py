@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall.cli import bench_check
-from alltoall.cli.bench_algorithms import BenchContext, Exchange
+from alltoall.cli.bench_algorithms import REGISTRY, BenchContext, Exchange
 from alltoall.cli.bench_traffic import SplitsSpec, traffic_matrix
 
 
@@ -110,8 +110,11 @@ def _round_sizes(iterations: int, rounds: int) -> list[int]:
     return [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
 
 
-def measure_size(ctx: BenchContext, runners: dict[str, Exchange], x: torch.Tensor, send: list[int],
-                 recv: list[int], expected: torch.Tensor | None, opts: SweepOptions) -> dict[str, tuple[float, int]]:
+Workloads = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def measure_size(ctx: BenchContext, runners: dict[str, Exchange], workloads: Workloads, send: list[int],
+                 recv: list[int], opts: SweepOptions) -> dict[str, tuple[float, int]]:
     """Per algorithm: this rank's mean seconds per call and its wrong count.
 
     The timed calls are split into ``opts.rounds`` rounds; each round runs
@@ -120,7 +123,7 @@ def measure_size(ctx: BenchContext, runners: dict[str, Exchange], x: torch.Tenso
     """
     uniform = opts.splits.uniform
     names = list(runners)
-    calls = {name: (lambda ex=runners[name]: ex(x, send, recv, uniform)) for name in names}
+    calls = {name: (lambda ex=runners[name], x=workloads[name][0]: ex(x, send, recv, uniform)) for name in names}
     for name in names:
         for _ in range(opts.warmup):
             calls[name]()
@@ -139,6 +142,7 @@ def measure_size(ctx: BenchContext, runners: dict[str, Exchange], x: torch.Tenso
             out = calls[name]()
             if corrupted == name:
                 out = bench_check.corrupt(out)
+            expected = workloads[name][1]
             assert expected is not None
             wrong += bench_check.count_wrong(out, expected)
         results[name] = (seconds[name] / opts.iterations if opts.iterations else 0.0, wrong)
@@ -174,8 +178,12 @@ def sweep(ctx: BenchContext, runners: dict[str, Exchange], opts: SweepOptions,
             expected = None
             if opts.checks:
                 expected = bench_check.expected_output(opts.seed, rank, matrix, opts.dtype, ctx.device)
+            workloads: Workloads = {}
+            for name in runners:
+                custom = REGISTRY[name].workload
+                workloads[name] = custom(ctx, opts.seed, matrix, opts.dtype) if custom else (x, expected)
             progress.step(f"{size} B")
-            for name, (seconds, wrong) in measure_size(ctx, runners, x, send, recv, expected, opts).items():
+            for name, (seconds, wrong) in measure_size(ctx, runners, workloads, send, recv, opts).items():
                 t_max, t_avg, t_min, wrong_sum = _reduce(ctx, seconds, wrong)
                 rows.append(Measurement(name, size, elements // n, t_max * 1e6, t_avg * 1e6, t_min * 1e6,
                                         wrong_sum if opts.checks else None, n))

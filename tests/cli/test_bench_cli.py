@@ -70,22 +70,21 @@ def test_self_launched_with_every_output(tmp_path):
     result = run_cli([str(BIN / "alltoall-bench"), "--nprocs", "4", "--local-size", "2", *TINY,
                       "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot", str(out["png"]),
                       "--table", str(out["txt"])])
-    tables = assert_all_correct(result, {"flat", "hierarchical", "torch"}, sizes=2)
+    tables = assert_all_correct(result, {"flat", "hierarchical", "coordinated", "torch"}, sizes=2)
     assert tables["flat"][0]["size"] == 1024 and tables["flat"][0]["count"] == 64  # 1 KiB of float over 4 peers
     assert "launched by 4 local processes, backend gloo" in result.stdout
     assert "4 ranks on 2 node(s) x 2 rank(s)" in result.stdout
-    assert "skipped coordinated: not available in this build" in result.stdout
     assert "skipped mpi: runs only under mpiexec" in result.stdout
     assert "Speed-up against torch" in result.stdout
 
     document = json.loads(out["json"].read_text())
     validate(document)
     ran = {a["name"]: a for a in document["algorithms"] if a["status"] == "ran"}
-    assert set(ran) == {"flat", "hierarchical", "torch"}
+    assert set(ran) == {"flat", "hierarchical", "coordinated", "torch"}
     assert [r["size_bytes"] for r in ran["flat"]["results"]] == [1024, 4096]
     assert document["wrong_total"] == 0 and document["world_size"] == 4 and document["launcher"] == "self"
     assert out["txt"].read_text() in result.stdout
-    assert len(out["csv"].read_text().splitlines()) == 1 + 3 * 2
+    assert len(out["csv"].read_text().splitlines()) == 1 + 4 * 2
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -105,6 +104,22 @@ def test_corruption_hook_is_caught_in_that_algorithm_only(tmp_path):
     document = json.loads(path.read_text())
     validate(document)
     assert document["wrong_total"] == 8 and document["dtype"] == "bfloat16"
+
+
+def test_coordinated_with_tensor_parallelism_is_checked(tmp_path):
+    # tp 2: each TP group hashes one replicated buffer and every rank checks
+    # its chunk of what the EP peers sent; the hook proves that check bites.
+    ok = run_cli(bench("--nprocs", "4", "--local-size", "2", "--tp", "2", *TINY, "--algorithms", "coordinated,torch"))
+    assert_all_correct(ok, {"coordinated", "torch"}, sizes=2)
+    assert ", tp 2" in ok.stdout
+    bad = run_cli(bench("--nprocs", "4", "--local-size", "2", "--tp", "2", *TINY, "--algorithms", "coordinated,torch"),
+                  env={CORRUPT_ENV: "coordinated"})
+    assert bad.returncode == EXIT_WRONG, bad.stdout
+    assert [r["wrong"] for r in parse_table(bad.stdout)["coordinated"]] == [4, 4]
+    uneven = run_cli(bench("--nprocs", "4", "--tp", "2", *TINY, "--splits", "zipf:1",
+                           "--algorithms", "coordinated,flat"))
+    assert_all_correct(uneven, {"flat"}, sizes=2)
+    assert "skipped coordinated: times uniform splits only" in uneven.stdout
 
 
 @pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is not installed next to this python")
