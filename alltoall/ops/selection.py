@@ -4,6 +4,11 @@ Hierarchical only pays where intra-node links are faster than inter-node
 ones and messages are small enough to be latency-bound (DeepSpeed-MoE,
 section 5.3; Tutel's 2DH). On one host, every message costs the same and the
 extra copies make it slower, so emulated nodes never pick it.
+
+The default bound, 8 KiB per peer, is where hierarchical stopped winning on
+the emulated clusters of docs/performance.md (2x4 and 4x2 hosts, 1 Gbit/s
+links, gloo). Real clusters differ: measure with alltoall-bench and set
+ALLTOALL_AUTO_MAX_PEER_BYTES.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 from alltoall.topology import Topology
 
 MAX_PEER_BYTES_ENV = "ALLTOALL_AUTO_MAX_PEER_BYTES"
-DEFAULT_MAX_PEER_BYTES = 64 * 1024
+DEFAULT_MAX_PEER_BYTES = 8 * 1024
 
 
 def max_peer_bytes() -> int:
