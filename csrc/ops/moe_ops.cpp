@@ -3,7 +3,7 @@
 //       -> (expert_index [S, k], dest_row [S, k], source [R], counts [E])
 //   torch.ops.alltoall.moe_dispatch(x [S, M], source, dest_row, weights?) -> [R, M]
 //   torch.ops.alltoall.moe_combine(rows [R, M], source, dest_row, weights?) -> [S, M]
-//   torch.ops.alltoall.moe_weight_grad(tokens [S, M], rows [R, M], dest_row) -> [S, k]
+//   torch.ops.alltoall.moe_weight_grad(tokens [S, M], rows [R, M], source, dest_row) -> [S, k]
 // Dispatch and combine are each other's adjoint; their autograd (Python,
 // alltoall/moe/dispatch.py) is built from these four ops. source and
 // dest_row must come from one moe_route call. Every output shape follows
@@ -120,17 +120,17 @@ at::Tensor check_combine(const at::Tensor& rows, const at::Tensor& source, const
   return check_weights("moe_combine", weights, dest_row, rows);
 }
 
-void check_weight_grad(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& dest_row) {
+void check_weight_grad(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& source,
+                       const at::Tensor& dest_row) {
   check_rows("moe_weight_grad", "tokens", tokens);
   check_rows("moe_weight_grad", "rows", rows);
   TORCH_CHECK_VALUE(tokens.scalar_type() == rows.scalar_type() && tokens.size(1) == rows.size(1),
                     "moe_weight_grad: tokens (", tokens.scalar_type(), ", ", tokens.sizes(), ") and rows (",
                     rows.scalar_type(), ", ", rows.sizes(), ") must share dtype and hidden size");
-  TORCH_CHECK_VALUE(dest_row.dim() == 2 && dest_row.scalar_type() == at::kLong && dest_row.size(0) == tokens.size(0),
-                    "moe_weight_grad: dest_row must be int64 [", tokens.size(0), ", k], got ",
-                    dest_row.scalar_type(), " of shape ", dest_row.sizes());
-  TORCH_CHECK_VALUE(rows.device() == tokens.device() && dest_row.device() == tokens.device(),
-                    "moe_weight_grad: tensors on ", tokens.device(), ", ", rows.device(), " and ", dest_row.device());
+  check_table("moe_weight_grad", source, dest_row, tokens.size(0), tokens.device());
+  TORCH_CHECK_VALUE(rows.size(0) == source.size(0) && rows.device() == tokens.device(), "moe_weight_grad: rows (",
+                    rows.sizes(), " on ", rows.device(), ") must have the ", source.size(0), " rows of source, on ",
+                    tokens.device());
   check_index_range("moe_weight_grad", "dest_row", dest_row, rows.size(0));
 }
 
@@ -157,8 +157,9 @@ at::Tensor combine_impl(const at::Tensor& rows, const at::Tensor& source, const 
 }
 
 template <WeightGradFn weight_grad>
-at::Tensor weight_grad_impl(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& dest_row) {
-  check_weight_grad(tokens, rows, dest_row);
+at::Tensor weight_grad_impl(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& source,
+                            const at::Tensor& dest_row) {
+  check_weight_grad(tokens, rows, source, dest_row);
   at::Tensor grad = at::empty(dest_row.sizes(), tokens.options());
   weight_grad(tokens.contiguous(), rows.contiguous(), dest_row.contiguous(), grad);
   return grad;
@@ -176,8 +177,9 @@ at::Tensor combine_meta(const at::Tensor& rows, const at::Tensor& source, const 
   return at::empty({dest_row.size(0), rows.size(1)}, rows.options());
 }
 
-at::Tensor weight_grad_meta(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& dest_row) {
-  check_weight_grad(tokens, rows, dest_row);
+at::Tensor weight_grad_meta(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& source,
+                            const at::Tensor& dest_row) {
+  check_weight_grad(tokens, rows, source, dest_row);
   return at::empty(dest_row.sizes(), tokens.options());
 }
 
@@ -189,7 +191,7 @@ TORCH_LIBRARY_FRAGMENT(alltoall, m) {
   m.def("moe_route(Tensor logits, int k, int capacity) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("moe_dispatch(Tensor x, Tensor source, Tensor dest_row, Tensor? weights=None) -> Tensor");
   m.def("moe_combine(Tensor rows, Tensor source, Tensor dest_row, Tensor? weights=None) -> Tensor");
-  m.def("moe_weight_grad(Tensor tokens, Tensor rows, Tensor dest_row) -> Tensor");
+  m.def("moe_weight_grad(Tensor tokens, Tensor rows, Tensor source, Tensor dest_row) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(alltoall, CPU, m) {
