@@ -92,25 +92,38 @@ ALLTOALL_INLINE void assign_cell(const int64_t* expert_index, int64_t k, int64_t
   }
 }
 
+// Calls body(m) for m = 0, lanes, 2 * lanes, ... below n. A single lane (the
+// CPU) takes a unit-stride loop the compiler can vectorise; CUDA threads
+// take interleaved columns.
+template <typename Body>
+ALLTOALL_INLINE void for_columns(int64_t n, int64_t lanes, Body body) {
+  if (lanes == 1) {
+    for (int64_t m = 0; m < n; ++m) body(m);
+  } else {
+    for (int64_t m = 0; m < n; m += lanes) body(m);
+  }
+}
+
 // Buffer row r, columns lane, lane + lanes, ...: the row of the token its
 // assignment came from, scaled by that assignment's weight when weights are
 // given, or zeros for a padding row.
 template <typename T, typename Acc>
 ALLTOALL_INLINE void dispatch_row(const T* x, T* out, const int64_t* source, const T* weights, int64_t k,
                                   int64_t cols, int64_t r, int64_t lane, int64_t lanes) {
-  T* dst = out + r * cols;
+  T* dst = out + r * cols + lane;
   const int64_t a = source[r];
+  const int64_t n = cols - lane;
   if (a < 0) {
-    for (int64_t m = lane; m < cols; m += lanes) dst[m] = static_cast<T>(0);
+    for_columns(n, lanes, [&](int64_t m) { dst[m] = static_cast<T>(0); });
     return;
   }
-  const T* src = x + (a / k) * cols;
+  const T* src = x + (a / k) * cols + lane;
   if (weights == nullptr) {
-    for (int64_t m = lane; m < cols; m += lanes) dst[m] = src[m];
+    for_columns(n, lanes, [&](int64_t m) { dst[m] = src[m]; });
     return;
   }
   const Acc w = static_cast<Acc>(weights[a]);
-  for (int64_t m = lane; m < cols; m += lanes) dst[m] = static_cast<T>(w * static_cast<Acc>(src[m]));
+  for_columns(n, lanes, [&](int64_t m) { dst[m] = static_cast<T>(w * static_cast<Acc>(src[m])); });
 }
 
 // Columns [m0, m0 + Tile) of token s's output: the sum over its kept
@@ -143,9 +156,9 @@ ALLTOALL_INLINE Acc weight_grad_part(const T* tokens, const T* rows, const int64
   const int64_t d = dest_row[a];
   Acc acc = static_cast<Acc>(0);
   if (d < 0) return acc;
-  const T* t = tokens + (a / k) * cols;
-  const T* r = rows + d * cols;
-  for (int64_t m = lane; m < cols; m += lanes) acc += static_cast<Acc>(t[m]) * static_cast<Acc>(r[m]);
+  const T* t = tokens + (a / k) * cols + lane;
+  const T* r = rows + d * cols + lane;
+  for_columns(cols - lane, lanes, [&](int64_t m) { acc += static_cast<Acc>(t[m]) * static_cast<Acc>(r[m]); });
   return acc;
 }
 
