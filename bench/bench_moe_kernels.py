@@ -17,11 +17,19 @@ differs:
 Gate + dispatch + combine is also timed against DeepSpeed's ``TopKGate``
 with ``sparse_routes=True`` (second-expert sampling off). The summary at the
 end gives the ratios (min times of this run) and GB/s.
+
+Allocation: every path allocates its outputs, and glibc serves blocks over
+32 MB with fresh mmap pages, so at S=8192 the page faults (kernel zeroing)
+cost more than the copies and hide the kernels. The module therefore makes
+glibc keep freed memory (``mallopt``), as a caching allocator would; set
+``ALLTOALL_BENCH_SYSTEM_MALLOC=1`` to measure with glibc's defaults.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +37,19 @@ import torch
 
 from alltoall.moe import TopKGate, combine, dispatch, expert_capacity
 
+
+def _keep_freed_memory() -> bool:
+    if os.environ.get("ALLTOALL_BENCH_SYSTEM_MALLOC") == "1":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NEEDS_DEEPSPEED = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (optional bench baseline: "
                                      "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
@@ -97,7 +118,9 @@ def summary(request):
 
 def _write_summary(write) -> None:
     write("")
-    write(f"MoE kernels: min times of this run, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    allocator = "freed memory kept (mallopt)" if KEEPS_FREED_MEMORY else "glibc malloc defaults"
+    write(f"MoE kernels: min times of this run, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{allocator}")
     for shape in SHAPES:
         t = {path: v for (name, path), v in _times.items() if name == shape.name}
         if "ours" not in t:
