@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "common/host_device.h"
 
@@ -104,6 +105,20 @@ ALLTOALL_INLINE void for_columns(int64_t n, int64_t lanes, Body body) {
   }
 }
 
+// dst[m] = src[m] for the columns of this lane. One lane on the host is a
+// plain memcpy, which uses the widest vector unit the CPU has (the extension
+// itself is compiled for baseline x86-64).
+template <typename T>
+ALLTOALL_INLINE void copy_columns(T* dst, const T* src, int64_t n, int64_t lanes) {
+#ifndef __CUDA_ARCH__
+  if (lanes == 1) {
+    if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+    return;
+  }
+#endif
+  for_columns(n, lanes, [&](int64_t m) { dst[m] = src[m]; });
+}
+
 // Buffer row r, columns lane, lane + lanes, ...: the row of the token its
 // assignment came from, scaled by that assignment's weight when weights are
 // given, or zeros for a padding row.
@@ -119,7 +134,7 @@ ALLTOALL_INLINE void dispatch_row(const T* x, T* out, const int64_t* source, con
   }
   const T* src = x + (a / k) * cols + lane;
   if (weights == nullptr) {
-    for_columns(n, lanes, [&](int64_t m) { dst[m] = src[m]; });
+    copy_columns(dst, src, n, lanes);
     return;
   }
   const Acc w = static_cast<Acc>(weights[a]);
