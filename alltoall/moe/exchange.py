@@ -19,6 +19,7 @@ only two places that communicate rows.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from alltoall.moe.dispatch import Routing
 from alltoall.moe.experts import LocalExperts
@@ -75,6 +76,22 @@ class ExpertExchange:
         self.algorithm = algorithm
         if comm is not None:
             comm.resolve(algorithm)  # a ValueError now rather than at the first forward
+
+    def check_equal_tokens(self, tokens: int, device: torch.device) -> None:
+        """Raises ValueError on every rank when the EP ranks hold different
+        token counts, which the padded (equal) exchange cannot carry. Costs
+        one all-reduce of two integers."""
+        if self.comm is None or self.ep == 1:
+            return
+        bounds = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.comm.group)
+        most, least = int(bounds[0]), -int(bounds[1])
+        if most != least:
+            raise ValueError(
+                f"MoE(drop_tokens=True) needs the same number of tokens on every rank of the expert-parallel "
+                f"group, but they hold between {least} and {most} (this rank: {tokens}); use drop_tokens=False "
+                f"for uneven batches"
+            )
 
     # The exchange steps. Integration point for tp > 1 (issue 4): with TP
     # ranks holding replicated tokens, these two calls become

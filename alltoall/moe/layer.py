@@ -51,6 +51,10 @@ class MoE(nn.Module):
         algorithm: "auto", "flat" or "hierarchical" for every exchange.
         normalize_weights, router_z_loss_coef: see ``TopKGate``.
         timeout: bound on every exchange's waits (the Communicator's default if None).
+        check_tokens: with ``drop_tokens=True``, all-reduce the local token
+            counts before each exchange and raise ValueError on every rank when
+            they differ. Without it such a mismatch fails inside the exchange
+            (gloo aborts the process; other backends wait for the timeout).
 
     Construction is collective over the EP group when it builds the
     Communicator (every rank, same order).
@@ -80,6 +84,7 @@ class MoE(nn.Module):
         normalize_weights: bool | None = None,
         router_z_loss_coef: float = 0.0,
         timeout: timedelta | float | None = None,
+        check_tokens: bool = False,
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -102,6 +107,7 @@ class MoE(nn.Module):
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
         self.use_residual = use_residual
+        self.check_tokens = check_tokens
 
         self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
                              z_loss_coef=router_z_loss_coef)
@@ -139,6 +145,8 @@ class MoE(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: input of shape {tuple(x.shape)} does not end in hidden_size={self.hidden_size}")
         tokens = x.reshape(-1, self.hidden_size)
+        if self.drop_tokens and self.check_tokens:
+            self.exchange.check_equal_tokens(tokens.shape[0], tokens.device)
         gate = self.gate(tokens, self.capacity(tokens.shape[0]))
         rows = dispatch(tokens, gate.routing)
         rows = self.exchange.run(rows, gate.routing, self.experts)

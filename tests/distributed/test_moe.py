@@ -128,6 +128,19 @@ def test_bad_configuration_raises_at_construction(worlds):
     worlds.run(3, _bad_configuration, deadline_s=60)
 
 
+def _uneven_tokens_with_capacity() -> None:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    layer = MoE(HIDDEN, num_experts=3, ffn_hidden_size=FFN, check_tokens=True)
+    with pytest.raises(ValueError, match=r"hold between 8 and 10 \(this rank: " + str(8 + rank) + r"\)"):
+        layer(torch.randn(8 + rank, HIDDEN))
+    layer(torch.randn(8, HIDDEN))  # still in step: equal counts go through
+
+
+def test_uneven_tokens_with_capacity_raise_on_every_rank(worlds):
+    worlds.run(3, _uneven_tokens_with_capacity, deadline_s=60)
+
+
 # Training --------------------------------------------------------------------
 
 STEPS, GLOBAL_TOKENS = 25, 96
