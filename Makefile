@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 BUILT  := $(VENV)/.alltoall-built
 SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: test bench install lint cuda-check clean
+.PHONY: test bench bench-mpi install lint cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ install: $(BUILT)
 test: $(BUILT)
 	$(BIN)/python -m pytest
 
+# The default sweep: 8 local ranks as 2 emulated nodes of 4 (TP groups of 2 for
+# "coordinated"), every available
+# algorithm, 1 KiB to 4 MiB per rank, 100 timed calls in 10 rounds that alternate
+# the algorithms. Results go to bench/results/ (git-ignored). bench-mpi runs
+# the same sweep under MPICH's mpiexec, which adds mpi4py's Alltoall.
+BENCH_OUT  := bench/results
+BENCH_SWEEP ?= --local-size 4 --tp 2 -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
+
 bench: $(BUILT)
-	$(BIN)/alltoall-bench --nprocs 8 --local-size 4
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/alltoall-bench --nprocs 8 $(BENCH_SWEEP) --table $(BENCH_OUT)/alltoall.txt --json $(BENCH_OUT)/alltoall.json \
+	    --csv $(BENCH_OUT)/alltoall.csv --plot $(BENCH_OUT)/alltoall.png
+	@echo "make bench: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall.txt .json .csv .png)"
+
+bench-mpi: $(BUILT)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/mpiexec -n 8 $(BIN)/alltoall-bench $(BENCH_SWEEP) --table $(BENCH_OUT)/alltoall-mpi.txt \
+	    --json $(BENCH_OUT)/alltoall-mpi.json --csv $(BENCH_OUT)/alltoall-mpi.csv --plot $(BENCH_OUT)/alltoall-mpi.png
+	@echo "make bench-mpi: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall-mpi.txt .json .csv .png)"
 
 lint: $(BUILT)
 	$(BIN)/ruff check alltoall tests bench setup.py

@@ -74,7 +74,7 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.13", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark", "ruff", "jsonschema"],
         "bench": ["matplotlib"],
         "mpi": ["mpi4py", "mpich"],
     },

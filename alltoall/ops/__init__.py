@@ -2,5 +2,6 @@
 
 from alltoall.ops.communicator import Communicator
 from alltoall.ops.functional import all_to_all, all_to_all_v
+from alltoall.ops.parallel_groups import ParallelGroups
 
-__all__ = ["Communicator", "all_to_all", "all_to_all_v"]
+__all__ = ["Communicator", "ParallelGroups", "all_to_all", "all_to_all_v"]

@@ -49,3 +49,28 @@ class AllToAllV(torch.autograd.Function):
         input_splits, output_splits = ctx.splits
         grad_in, _ = ctx.exchanger.all_to_all_v(grad.contiguous(), output_splits, input_splits)
         return grad_in, None, None, None
+
+
+# Function.apply costs about 10 us of CPU per call even when nothing needs a
+# gradient (measured with alltoall-bench's overhead check, docs/bench.md); on
+# oversubscribed hosts that is paid once per rank per exchange. These skip it
+# when no gradient can flow, and are otherwise AllToAll(V).apply.
+
+
+def all_to_all(x: torch.Tensor, exchanger: _C.Exchanger) -> torch.Tensor:
+    """``AllToAll.apply(x, exchanger)``, without autograd when not needed."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return AllToAll.apply(x, exchanger)
+    return exchanger.all_to_all(x)
+
+
+def all_to_all_v(
+    x: torch.Tensor, exchanger: _C.Exchanger, input_splits: list[int], output_splits: list[int] | None
+) -> tuple[torch.Tensor, list[int]]:
+    """``AllToAllV.apply`` with the received splits as a list, without
+    autograd when not needed."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out, received = AllToAllV.apply(x, exchanger, input_splits, output_splits)
+        return out, received.tolist()
+    out, received = exchanger.all_to_all_v(x, input_splits, output_splits)
+    return out, list(received)

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import selection, validation
-from alltoall.ops.autograd import AllToAll, AllToAllV
+from alltoall.ops import autograd, consistency, selection, validation
 from alltoall.plan import make_plan
 from alltoall.topology import Topology
 from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
@@ -45,6 +44,12 @@ class Communicator:
             ``local_size``.
         timeout: the bound on every blocking wait (timedelta or seconds);
             default ``ALLTOALL_TIMEOUT`` seconds, else 10 minutes.
+        rank_order: relabel the group's ranks, identically on every rank:
+            block i of an input goes to group rank ``rank_order[i]`` and block
+            i of an output comes from it (splits are in this order too). The
+            relabelling is folded into the plans' reorders. Default: group
+            order. A relabelled Communicator is not used by the module-level
+            functions, which must match ``all_to_all_single``.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class Communicator:
         local_size: int | None = None,
         topology: Topology | None = None,
         timeout: timedelta | float | None = None,
+        rank_order: list[int] | None = None,
     ) -> None:
         self.group_ref = GroupRef.of(group)
         self.group = self.group_ref.group
@@ -70,11 +76,15 @@ class Communicator:
                 f"{self.rank} of a group of {self.size}"
             )
         self.topology = topology
+        if rank_order is not None and sorted(rank_order) != list(range(self.size)):
+            raise ValueError(f"rank_order={list(rank_order)} is not a permutation of the group's {self.size} ranks")
+        self.rank_order = None if rank_order is None or list(rank_order) == list(range(self.size)) else list(rank_order)
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
         self._exchangers = {"flat": self._exchanger_for("flat")}
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
-        _by_group[self.group_ref.name] = weakref.ref(self)
+        if self.rank_order is None:
+            _by_group[self.group_ref.name] = weakref.ref(self)
 
     # Set-up -------------------------------------------------------------------
 
@@ -101,7 +111,7 @@ class Communicator:
         return groups
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
-        raw = make_plan(self.topology.node_of_rank, self.rank, algorithm)
+        raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
         groups = [self._groups[phase.role].for_cpp() for phase in raw.phases]
         return _C.Exchanger(raw, groups, self.timeout.total_seconds())
 
@@ -119,23 +129,57 @@ class Communicator:
         """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
         return self._exchangers[self.resolve(algorithm)]
 
+    @classmethod
+    def flat_only(cls, group: dist.ProcessGroup | None = None) -> Communicator:
+        """A Communicator for the flat algorithm alone: no topology detection,
+        no subgroups, so building it communicates nothing. The module-level
+        functions use it when no full Communicator exists for the group."""
+        comm = cls.__new__(cls)
+        comm.group_ref = GroupRef.of(group)
+        comm.group = comm.group_ref.group
+        comm.size = dist.get_world_size(comm.group)
+        comm.rank = dist.get_rank(comm.group)
+        comm.timeout = resolve_timeout(None)
+        comm.rank_order = None
+        comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
+        comm._groups = {"world": comm.group_ref}
+        comm._exchangers = {"flat": comm._exchanger_for("flat")}
+        return comm
+
     # Collectives ------------------------------------------------------------
 
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+    def _resolve_for(self, algorithm: str, bytes_per_peer: int | None) -> str:
+        resolved = self.resolve(algorithm, bytes_per_peer)
+        if resolved not in self._exchangers:
+            raise ValueError(f"algorithm={algorithm!r} is not available on this Communicator (it has "
+                             f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
+        return resolved
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None) -> torch.Tensor:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
             x: ``[p * n, *]``; rows ``[d*n, (d+1)*n)`` go to group rank d.
             algorithm: "auto", "flat" or "hierarchical".
+            check: verify first, collectively, that all ranks pass the same
+                dtype, trailing shape and dim 0 (default: ``ALLTOALL_CHECK``).
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
             flows through; the backward is the same exchange.
         """
-        x = validation.check_tensor(x, "all_to_all")
-        validation.check_divisible(x, self.size, "all_to_all")
-        bytes_per_peer = x.numel() * x.element_size() // self.size
-        return AllToAll.apply(x, self._exchangers[self.resolve(algorithm, bytes_per_peer)])
+
+        def validate() -> consistency.Validated:
+            validation.check_tensor(x, "all_to_all")
+            validation.check_divisible(x, self.size, "all_to_all")
+            bytes_per_peer = x.numel() * x.element_size() // self.size
+            return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
+
+        if consistency.enabled(check):
+            plan = consistency.agree("all_to_all", self.group, x, validate, self.rank_order)
+        else:
+            plan = validate()
+        return autograd.all_to_all(x, self._exchangers[plan.algorithm])
 
     def all_to_all_v(
         self,
@@ -143,6 +187,8 @@ class Communicator:
         input_splits: validation.Splits,
         output_splits: validation.Splits | None = None,
         algorithm: str = "auto",
+        *,
+        check: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
@@ -152,19 +198,30 @@ class Communicator:
             input_splits: rows per destination: ints, or a 1-d int tensor on
                 any device.
             output_splits: rows per source, when known. When None the counts
-                are exchanged with the data.
+                are exchanged with the data, phase by phase.
             algorithm: "auto", "flat" or "hierarchical". "auto" decides on the
                 topology alone, so every rank agrees.
+            check: verify first, collectively, that every rank's
+                input_splits[d] equals what rank d expects, and that dtypes and
+                trailing shapes agree (default: ``ALLTOALL_CHECK``).
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
             ``(output, output_splits)``.
         """
-        x = validation.check_tensor(x, "all_to_all_v")
-        ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
-        outs = None
-        if output_splits is not None:
-            outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
-        exchanger = self._exchangers[self.resolve(algorithm, None)]
-        out, received = AllToAllV.apply(x, exchanger, ins, outs)
-        return out if output_splits is not None else (out, received.tolist())
+
+        def validate() -> consistency.Validated:
+            validation.check_tensor(x, "all_to_all_v")
+            ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
+            outs = None
+            if output_splits is not None:
+                outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
+            return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
+
+        if consistency.enabled(check):
+            plan = consistency.agree("all_to_all_v", self.group, x, validate, self.rank_order)
+        else:
+            plan = validate()
+        exchanger = self._exchangers[plan.algorithm]
+        out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
+        return out if output_splits is not None else (out, received)

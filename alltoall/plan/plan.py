@@ -12,15 +12,21 @@ from dataclasses import dataclass
 
 from alltoall._library import _C
 
-ALGORITHMS = ("flat", "hierarchical")
+ALGORITHMS = ("flat", "hierarchical", "coordinated")
 
 
 @dataclass(frozen=True)
 class LinkUse:
-    """Per-rank traffic on one class of link (intra-node or inter-node)."""
+    """Per-rank traffic on one class of link (intra-node or inter-node).
+
+    ``count_bytes`` is what an uneven exchange (all_to_all_v) sends ahead of
+    the data when output splits are not given: one int64 per block, in as
+    many extra small messages as ``messages``. It is O(p) per rank.
+    """
 
     messages: int
     bytes: int
+    count_bytes: int
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,21 @@ class PlanSummary:
         return self.intra_node.messages + self.inter_node.messages
 
 
-def make_plan(node_of_rank: Sequence[int], rank: int, algorithm: str, tp: int = 1) -> _C.ExchangePlan:
-    """The C++ plan of ``rank`` for a group whose rank r sits on node_of_rank[r]."""
+def make_plan(
+    node_of_rank: Sequence[int],
+    rank: int,
+    algorithm: str,
+    tp: int = 1,
+    rank_order: Sequence[int] | None = None,
+) -> _C.ExchangePlan:
+    """The C++ plan of ``rank`` for a group whose rank r sits on node_of_rank[r].
+
+    ``rank_order`` relabels the group: block i goes to (and output block i
+    comes from) group rank rank_order[i].
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-    return _C.make_plan(list(node_of_rank), rank, algorithm, tp)
+    return _C.make_plan(list(node_of_rank), rank, algorithm, tp, list(rank_order or []))
 
 
 def plan(
@@ -67,7 +83,10 @@ def plan(
     consecutive ranks, and summarises one rank's traffic.
 
     Flat: p-1 messages. Hierarchical: G-1 intra-node and p/G-1 inter-node
-    messages, each byte crossing both link classes.
+    messages, each byte crossing both link classes. Coordinated (tensor
+    parallel groups of ``tp`` consecutive ranks, input replicated inside
+    them): p/tp-1 all-to-all messages, then tp-1 all-gather messages.
+    ``bytes_per_rank`` is then the size of the replicated input.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -77,7 +96,7 @@ def plan(
     block_bytes = bytes_per_rank / raw.num_blocks
 
     def use(link: _C.LinkTraffic) -> LinkUse:
-        return LinkUse(messages=link.messages, bytes=round(link.blocks * block_bytes))
+        return LinkUse(messages=link.messages, bytes=round(link.blocks * block_bytes), count_bytes=8 * link.counts)
 
     return PlanSummary(
         algorithm=algorithm,

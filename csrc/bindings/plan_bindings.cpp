@@ -26,7 +26,8 @@ void register_plan(py::module_& m) {
 
   py::class_<LinkTraffic>(m, "LinkTraffic", "Per-rank messages and blocks on one class of link.")
       .def_readonly("messages", &LinkTraffic::messages)
-      .def_readonly("blocks", &LinkTraffic::blocks);
+      .def_readonly("blocks", &LinkTraffic::blocks)
+      .def_readonly("counts", &LinkTraffic::counts);
 
   py::class_<ExchangePlan>(m, "ExchangePlan", "The exchange plan of one rank (pure data).")
       .def_property_readonly("algorithm", [](const ExchangePlan& p) { return to_string(p.algorithm); })
@@ -41,10 +42,12 @@ void register_plan(py::module_& m) {
 
   m.def(
       "make_plan",
-      [](std::vector<int> node_of_rank, int rank, const std::string& algorithm, int tp) {
-        return make_plan(NodeMap(std::move(node_of_rank)), rank, parse_algorithm(algorithm), tp);
+      [](std::vector<int> node_of_rank, int rank, const std::string& algorithm, int tp,
+         const std::vector<int>& rank_order) {
+        return make_plan(NodeMap(std::move(node_of_rank)), rank, parse_algorithm(algorithm), tp, rank_order);
       },
       py::arg("node_of_rank"), py::arg("rank"), py::arg("algorithm"), py::arg("tp") = 1,
+      py::arg("rank_order") = std::vector<int>{},
       "Builds the plan of `rank` for a group whose rank r sits on node node_of_rank[r].");
 }
 

@@ -6,6 +6,7 @@
 
 #include <numeric>
 
+#include "ops/byte_rows.h"
 #include "ops/layout_ops.h"
 
 namespace alltoall::ops {
@@ -13,25 +14,6 @@ namespace alltoall::ops {
 namespace {
 
 using Sizes = std::vector<int64_t>;
-
-// Views a contiguous tensor as [rows, row_bytes] bytes, so the transport and
-// the layout kernels move any dtype bit for bit.
-at::Tensor as_byte_rows(const at::Tensor& x) {
-  const int64_t rows = x.size(0);
-  int64_t row_elems = 1;
-  for (int64_t d = 1; d < x.dim(); ++d) row_elems *= x.size(d);
-  at::Tensor rows_view = x.view({rows, row_elems});
-  if (rows_view.scalar_type() == at::kByte) return rows_view;
-  if (row_elems == 0) return at::empty({rows, 0}, x.options().dtype(at::kByte));
-  return rows_view.view(at::kByte);
-}
-
-at::Tensor from_byte_rows(const at::Tensor& bytes, const at::Tensor& like, int64_t rows) {
-  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
-  shape[0] = rows;
-  if (bytes.size(1) == 0) return at::empty(shape, like.options());
-  return bytes.view(like.scalar_type()).view(shape);
-}
 
 Sizes permuted(const Sizes& values, const std::vector<int64_t>& perm) {
   Sizes out(perm.size());
@@ -70,6 +52,9 @@ Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transp
                     " phases but ", transports_.size(), " transports were given");
   for (size_t i = 0; i < transports_.size(); ++i) {
     const auto& phase = plan_.phases[i];
+    TORCH_CHECK_VALUE(phase.collective == plan::Collective::kAllToAll, "the Exchanger runs all-to-all phases; phase ",
+                      i, " of this ", plan::to_string(plan_.algorithm),
+                      " plan is an all-gather (coordinated exchanges run through ParallelGroups)");
     TORCH_CHECK_VALUE(transports_[i] != nullptr, "transport for phase ", i, " is missing");
     TORCH_CHECK_VALUE(transports_[i]->size() == static_cast<int>(phase.group_ranks.size()) &&
                           transports_[i]->rank() == phase.index_in_group,

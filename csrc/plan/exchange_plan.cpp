@@ -33,9 +33,10 @@ int index_of(const std::vector<int>& ranks, int rank) {
   return static_cast<int>(it - ranks.begin());
 }
 
-Phase make_phase(GroupRole role, std::vector<int> ranks, int me, int blocks_per_peer, Permutation pre) {
+Phase make_phase(GroupRole role, std::vector<int> ranks, int me, int blocks_per_peer, Permutation pre,
+                 Collective collective = Collective::kAllToAll) {
   Phase phase;
-  phase.collective = Collective::kAllToAll;
+  phase.collective = collective;
   phase.role = role;
   phase.index_in_group = index_of(ranks, me);
   phase.group_ranks = std::move(ranks);
@@ -73,6 +74,8 @@ void count_traffic(const NodeMap& nodes, ExchangePlan& plan) {
       LinkTraffic& link = nodes.node_of(peer) == my_node ? plan.intra_node : plan.inter_node;
       link.messages += 1;
       link.blocks += phase.blocks_per_peer;
+      // Gathered sizes follow from the splits every member already knows.
+      if (phase.collective == Collective::kAllToAll) link.counts += phase.blocks_per_peer;
     }
   }
 }
@@ -145,15 +148,71 @@ ExchangePlan hierarchical_plan(const NodeMap& nodes, int rank) {
   return plan;
 }
 
+ExchangePlan coordinated_plan(const NodeMap& nodes, int rank, int tp) {
+  const int p = nodes.world_size();
+  if (tp < 1 || p % tp != 0) {
+    throw std::invalid_argument("tp=" + std::to_string(tp) + " must be >= 1 and divide world_size=" +
+                                std::to_string(p));
+  }
+  ExchangePlan plan;
+  plan.algorithm = Algorithm::kCoordinated;
+  plan.world_size = p;
+  plan.rank = rank;
+  plan.tp = tp;
+  plan.num_blocks = p;
+  std::vector<int> same_tp_rank, tensor_group;
+  for (int r = rank % tp; r < p; r += tp) same_tp_rank.push_back(r);
+  for (int r = rank - rank % tp; r < rank - rank % tp + tp; ++r) tensor_group.push_back(r);
+  plan.phases.push_back(make_phase(GroupRole::kExpert, std::move(same_tp_rank), rank, 1, {}));
+  plan.phases.push_back(
+      make_phase(GroupRole::kTensor, std::move(tensor_group), rank, p / tp, {}, Collective::kAllGather));
+  return plan;
+}
+
 }  // namespace
 
-ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp) {
+// Folds a relabelling of the group's ranks into the first and last reorders.
+void relabel(ExchangePlan& plan, const std::vector<int>& rank_order) {
+  const int p = plan.world_size;
+  if (static_cast<int>(rank_order.size()) != p) {
+    throw std::invalid_argument("rank_order has " + std::to_string(rank_order.size()) +
+                                " entries but the group has " + std::to_string(p) + " ranks");
+  }
+  if (plan.num_blocks != p) {
+    throw std::invalid_argument("rank_order does not apply to the " + to_string(plan.algorithm) + " plan");
+  }
+  Permutation to_group_order(p, -1);  // group rank g's block is the caller's block i
+  for (int i = 0; i < p; ++i) {
+    const int g = rank_order[i];
+    if (g < 0 || g >= p || to_group_order[g] != -1) {
+      throw std::invalid_argument("rank_order must be a permutation of 0.." + std::to_string(p - 1) +
+                                  "; entry " + std::to_string(i) + " is " + std::to_string(g));
+    }
+    to_group_order[g] = i;
+  }
+  const Permutation to_caller_order(rank_order.begin(), rank_order.end());
+  if (plan.phases.empty()) {
+    plan.post_permutation = compose(compose(to_group_order, plan.post_permutation), to_caller_order);
+  } else {
+    plan.phases.front().pre_permutation = compose(to_group_order, plan.phases.front().pre_permutation);
+    plan.post_permutation = compose(plan.post_permutation, to_caller_order);
+  }
+}
+
+ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp,
+                       const std::vector<int>& rank_order) {
   check_rank(nodes, rank);
-  if (tp != 1) {
+  if (tp != 1 && algorithm != Algorithm::kCoordinated) {
     throw std::invalid_argument("tp=" + std::to_string(tp) + " applies to the coordinated algorithm only; " +
                                 to_string(algorithm) + " takes tp=1");
   }
-  ExchangePlan plan = algorithm == Algorithm::kFlat ? flat_plan(nodes, rank) : hierarchical_plan(nodes, rank);
+  ExchangePlan plan;
+  switch (algorithm) {
+    case Algorithm::kFlat: plan = flat_plan(nodes, rank); break;
+    case Algorithm::kHierarchical: plan = hierarchical_plan(nodes, rank); break;
+    case Algorithm::kCoordinated: plan = coordinated_plan(nodes, rank, tp); break;
+  }
+  if (!rank_order.empty()) relabel(plan, rank_order);
   simplify(plan);
   count_traffic(nodes, plan);
   return plan;
@@ -162,13 +221,15 @@ ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int 
 Algorithm parse_algorithm(const std::string& name) {
   if (name == "flat") return Algorithm::kFlat;
   if (name == "hierarchical") return Algorithm::kHierarchical;
-  throw std::invalid_argument("unknown algorithm '" + name + "'; expected 'flat' or 'hierarchical'");
+  if (name == "coordinated") return Algorithm::kCoordinated;
+  throw std::invalid_argument("unknown algorithm '" + name + "'; expected 'flat', 'hierarchical' or 'coordinated'");
 }
 
 std::string to_string(Algorithm algorithm) {
   switch (algorithm) {
     case Algorithm::kFlat: return "flat";
     case Algorithm::kHierarchical: return "hierarchical";
+    case Algorithm::kCoordinated: return "coordinated";
   }
   return "?";
 }
@@ -178,6 +239,8 @@ std::string to_string(GroupRole role) {
     case GroupRole::kWorld: return "world";
     case GroupRole::kIntraNode: return "intra_node";
     case GroupRole::kInterNode: return "inter_node";
+    case GroupRole::kExpert: return "expert";
+    case GroupRole::kTensor: return "tensor";
   }
   return "?";
 }
@@ -185,6 +248,7 @@ std::string to_string(GroupRole role) {
 std::string to_string(Collective collective) {
   switch (collective) {
     case Collective::kAllToAll: return "all_to_all";
+    case Collective::kAllGather: return "all_gather";
   }
   return "?";
 }

@@ -16,16 +16,18 @@
 
 namespace alltoall::plan {
 
-enum class Algorithm { kFlat, kHierarchical };
+enum class Algorithm { kFlat, kHierarchical, kCoordinated };
 
 // The communicator a phase runs on, relative to the group the plan is for.
 enum class GroupRole {
   kWorld,      // the whole group
   kIntraNode,  // the ranks of this rank's node
   kInterNode,  // the ranks with this rank's local index, one per node
+  kExpert,     // coordinated: the ranks that share this rank's tensor-parallel rank
+  kTensor,     // coordinated: this rank's tensor-parallel group
 };
 
-enum class Collective { kAllToAll };
+enum class Collective { kAllToAll, kAllGather };
 
 enum class LinkClass { kIntraNode, kInterNode };
 
@@ -36,7 +38,8 @@ struct Phase {
   // order torch.distributed.new_group gives its members.
   std::vector<int> group_ranks;
   int index_in_group = 0;
-  // Consecutive blocks sent to each peer, in peer order.
+  // All-to-all: consecutive blocks sent to each peer, in peer order.
+  // All-gather: the blocks this rank contributes to every member.
   int blocks_per_peer = 1;
   // Reorder applied before the phase: block i of the new list is block
   // pre_permutation[i] of the current list. Empty means identity.
@@ -45,9 +48,12 @@ struct Phase {
 
 // Per-rank traffic on one class of link, counting messages to other ranks
 // only. `blocks` is in units of one block of the rank's send buffer.
+// `counts` is the number of int64 row counts an uneven exchange sends ahead
+// of the data when output splits are not given: one per block, so O(p).
 struct LinkTraffic {
   int64_t messages = 0;
   int64_t blocks = 0;
+  int64_t counts = 0;
 };
 
 struct ExchangePlan {
@@ -65,7 +71,22 @@ struct ExchangePlan {
 
 // Builds the plan of `rank`. Throws std::invalid_argument naming the value
 // when the algorithm cannot run on this node layout.
-ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp = 1);
+//
+// The coordinated plan (DeepSpeed-MoE section 5.3) is for `world_size`
+// ranks in tensor-parallel groups of `tp` consecutive ranks whose input is
+// replicated inside each group. Its buffer has world_size blocks: for every
+// one of the world_size/tp expert-parallel destinations, one block per TP
+// rank. Phase 1 sends this rank's block for every destination to the ranks
+// that share its TP rank; phase 2 all-gathers the results inside the TP
+// group, which rebuilds the replicated output.
+//
+// `rank_order`, when not empty, relabels the group: the caller's block i goes
+// to group rank rank_order[i] and its output block i comes from that rank.
+// The relabelling folds into the first and last reorders, so it costs nothing
+// beyond them. ParallelGroups uses it to index EP ranks by their expert
+// coordinate when group order (ascending global rank) differs from it.
+ExchangePlan make_plan(const NodeMap& nodes, int rank, Algorithm algorithm, int tp = 1,
+                       const std::vector<int>& rank_order = {});
 
 Algorithm parse_algorithm(const std::string& name);
 std::string to_string(Algorithm algorithm);

@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <sstream>
+#include <thread>
 
 namespace alltoall::transport {
 
@@ -14,6 +15,7 @@ class C10dTransport final : public Transport {
   C10dTransport(std::string group_name, std::vector<int> global_ranks, std::chrono::milliseconds timeout)
       : name_(std::move(group_name)), ranks_(std::move(global_ranks)), timeout_(timeout) {
     group_ = c10d::resolve_process_group(name_);
+    is_gloo_ = group_->getBackendName() == "gloo";
     TORCH_CHECK_VALUE(group_->getSize() == static_cast<int>(ranks_.size()), "process group '", name_, "' has ",
                       group_->getSize(), " ranks but ", ranks_.size(), " were given");
   }
@@ -27,17 +29,49 @@ class C10dTransport final : public Transport {
     options.timeout = timeout_;
     std::vector<int64_t> out_splits = output_splits;
     std::vector<int64_t> in_splits = input_splits;
+    run(what, [&] { return group_->all_to_all_single(output, input, out_splits, in_splits, options); });
+  }
+
+  void all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) override {
+    c10d::AllgatherOptions options;
+    options.timeout = timeout_;
+    run(what, [&] { return group_->all_gather_single(output, input, options); });
+  }
+
+  // Issues one collective and waits for it, turning any failure into an
+  // error that names the step and the group.
+  template <typename Issue>
+  void run(const std::string& what, Issue&& issue) const {
     try {
-      auto work = group_->all_to_all_single(output, input, out_splits, in_splits, options);
+      auto work = issue();
       // wait(timeout) throws when the timeout passes, and rethrows the
       // backend's own error (for gloo, its per-operation timeout).
       if (!work->wait(timeout_)) {
         TORCH_CHECK(false, "did not complete within ", timeout_.count(), " ms");
       }
+      release_here(std::move(work));
+    } catch (const c10::Error& error) {
+      // The backend's message without its C++ backtrace: ours is enough.
+      fail(what, error.what_without_backtrace());
     } catch (const std::exception& error) {
-      TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(),
-                  " ms): ", error.what());
+      fail(what, error.what());
     }
+  }
+
+  [[noreturn]] void fail(const std::string& what, const char* cause) const {
+    TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(), " ms): ", cause);
+  }
+
+  // A gloo work object captures the caller's thread-local state, which can
+  // hold Python objects (inside autograd's backward it does). If gloo's worker
+  // thread dropped the last reference it would need the GIL, and at
+  // interpreter exit Python kills threads that wait for the GIL, which
+  // aborts the process. So wait the few microseconds until the worker has
+  // let go, and release the work on this thread.
+  void release_here(c10::intrusive_ptr<c10d::Work> work) const {
+    if (!is_gloo_) return;
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    while (work.use_count() > 1 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
   }
 
   std::string describe() const override {
@@ -55,6 +89,7 @@ class C10dTransport final : public Transport {
   std::vector<int> ranks_;
   std::chrono::milliseconds timeout_;
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  bool is_gloo_ = false;
 };
 
 }  // namespace

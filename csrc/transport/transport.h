@@ -25,6 +25,10 @@ class Transport {
   virtual void all_to_all(at::Tensor& output, at::Tensor& input, const std::vector<int64_t>& output_splits,
                           const std::vector<int64_t>& input_splits, const std::string& what) = 0;
 
+  // Concatenates every member's `input` along dim 0, in member order, into
+  // `output` ([size * input.size(0), ...]). Same blocking and errors.
+  virtual void all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) = 0;
+
   // The group, for error messages: its name and its global ranks.
   virtual std::string describe() const = 0;
 };

@@ -134,6 +134,9 @@ def _module_level_needs_a_communicator() -> None:
     group = dist.new_group([0, 1])
     with pytest.raises(ValueError, match=r"construct alltoall\.Communicator"):
         alltoall.all_to_all(torch.zeros(2), group=group, algorithm="hierarchical")
+    # Both ranks leave together: one destroying its groups while the other
+    # still connects the new group's mesh fails that connection.
+    dist.barrier(group=group)
 
 
 def test_module_level_hierarchical_needs_a_communicator(worlds):

@@ -111,13 +111,16 @@ class WorldPool:
         end = time.monotonic() + deadline_s
         while len(values) + len(errors) < self.world_size:
             try:
-                jid, rank, ok, value = self._results.get(timeout=max(0.1, end - time.monotonic()))
+                jid, rank, ok, value = self._results.get(timeout=min(1.0, max(0.1, end - time.monotonic())))
             except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                if time.monotonic() < end and not dead:
+                    continue
                 missing = sorted(set(range(self.world_size)) - set(values) - set(errors))
+                reason = f"rank processes {dead} died" if dead else f"did not finish within {deadline_s:.0f} s"
                 self.close()
                 raise TimeoutError(
-                    f"{fn.__name__} on {self.world_size} ranks: ranks {missing} did not finish within "
-                    f"{deadline_s:.0f} s; the pool was killed"
+                    f"{fn.__name__} on {self.world_size} ranks: ranks {missing} {reason}; the pool was killed"
                     + "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
                 ) from None
             if jid != job_id:

@@ -43,11 +43,15 @@ def test_bytes_per_link_class(p, g):
     assert hier.inter_node.bytes == round((p // g - 1) * g * block)
 
 
-def simulate(node_of_rank: list[int], algorithm: str) -> list[list[tuple[int, int]]]:
-    """Runs every rank's plan on blocks labelled (source, destination)."""
+def simulate(
+    node_of_rank: list[int], algorithm: str, rank_order: list[int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """Runs every rank's plan on blocks labelled (source, destination), where
+    block i of a rank's input is for group rank rank_order[i]."""
     p = len(node_of_rank)
-    plans = [make_plan(node_of_rank, r, algorithm) for r in range(p)]
-    buffers = [[(r, d) for d in range(p)] for r in range(p)]
+    order = rank_order or list(range(p))
+    plans = [make_plan(node_of_rank, r, algorithm, rank_order=rank_order) for r in range(p)]
+    buffers = [[(r, order[i]) for i in range(p)] for r in range(p)]
     for step in range(len(plans[0].phases)):
         for r in range(p):
             perm = plans[r].phases[step].pre_permutation
@@ -101,6 +105,24 @@ def test_plan_delivers_what_flat_all_to_all_delivers(node_of_rank, algorithm):
         assert result[r] == [(s, r) for s in range(p)]
 
 
+@pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
+@pytest.mark.parametrize("node_of_rank", layouts()[:8], ids=lambda n: "".join(map(str, n)))
+def test_rank_order_relabels_sources_and_destinations(node_of_rank, algorithm):
+    p = len(node_of_rank)
+    order = list(range(p))
+    random.Random(p).shuffle(order)
+    result = simulate(node_of_rank, algorithm, order)
+    for r in range(p):
+        assert result[r] == [(order[i], r) for i in range(p)]
+
+
+def test_rank_order_must_be_a_permutation():
+    with pytest.raises(ValueError, match="entry 2 is 1"):
+        make_plan([0, 0, 1, 1], 0, "flat", rank_order=[0, 1, 1, 3])
+    with pytest.raises(ValueError, match="rank_order has 3 entries"):
+        make_plan([0, 0, 1, 1], 0, "flat", rank_order=[0, 1, 2])
+
+
 def test_consecutive_nodes_need_no_final_reorder():
     for r in range(16):
         assert list(make_plan([i // 4 for i in range(16)], r, "hierarchical").post_permutation) == []
@@ -122,3 +144,26 @@ def test_bad_plans_name_the_value():
         make_plan([0] * 4, 9, "flat")
     with pytest.raises(ValueError, match="node 1 has no rank"):
         make_plan([0, 2], 0, "flat")
+
+
+@pytest.mark.parametrize("p,g,tp", [(8, 4, 2), (8, 4, 4), (16, 8, 2), (128, 8, 8), (4096, 8, 8), (8, 2, 1)])
+def test_coordinated_sends_p_over_tp_minus_1_then_tp_minus_1(p, g, tp):
+    summary = alltoall.plan(p, g, "coordinated", tp=tp)
+    phases = [(ph.collective, ph.role, len(ph.group_ranks)) for ph in summary.phases]
+    expected = [("all_to_all", "expert", p // tp), ("all_gather", "tensor", tp)]
+    assert phases == [ph for ph in expected if ph[2] > 1]
+    assert summary.messages == (p // tp - 1) + (tp - 1)
+
+
+def test_coordinated_paper_example():
+    # DeepSpeed-MoE 5.3: 128 GPUs with 8-way tensor slicing exchange with 16
+    # peers' worth of latency instead of 128.
+    assert alltoall.plan(128, 8, "coordinated", tp=8).messages == 15 + 7
+    assert alltoall.plan(128, 8, "flat").messages == 127
+
+
+def test_tp_only_applies_to_coordinated():
+    with pytest.raises(ValueError, match="tp=2 applies to the coordinated algorithm only"):
+        alltoall.plan(8, 4, "flat", tp=2)
+    with pytest.raises(ValueError, match="tp=3 must be >= 1 and divide world_size=8"):
+        alltoall.plan(8, 4, "coordinated", tp=3)

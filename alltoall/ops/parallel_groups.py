@@ -1,0 +1,229 @@
+"""ParallelGroups: the tensor-, expert- and data-parallel process groups,
+created once, and the TP-coordinated all-to-all that runs on them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from alltoall._library import _C
+from alltoall.ops import validation
+from alltoall.ops.communicator import Communicator
+from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks, TensorGroup
+from alltoall.topology import Topology
+from alltoall.topology.layout import KINDS, RankLayout
+from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
+
+
+class ParallelGroups:
+    """Process groups for ``tp x ep x dp`` ranks, and the coordinated exchange.
+
+    The constructor is collective over the world: every rank calls it once,
+    in the same order relative to other group creation. It creates this
+    rank's TP, EP, EDP (expert data parallel), DP, node and rail groups, in
+    that order, and a Communicator on the EP group (with its own intra-node
+    and inter-node subgroups, ready for the hierarchical algorithm). See
+    ``RankLayout`` for the layout and docs/parallelism.md for tables.
+
+    ``tp_rank``, ``ep_rank`` and ``dp_rank`` are the layout's coordinates.
+    Blocks of the coordinated exchange go to EP ranks by ``ep_rank``, and
+    ``ep_comm`` indexes its peers the same way. These equal the ranks within
+    the process groups except on interleaved placements, where the layout
+    keeps TP groups inside nodes and the ranks are relabelled to match.
+
+    Args:
+        tp: tensor-parallel degree L.
+        ep: expert-parallel degree; default world/tp.
+        topology: the world's topology; default detected (or emulated with
+            ``local_size`` / ``ALLTOALL_LOCAL_SIZE``).
+        order: dimensions from fastest- to slowest-varying.
+        num_experts: when given, ep must divide it.
+        tp_inside_node: raise instead of letting a TP group span nodes.
+        timeout: bound on every blocking wait (see Communicator).
+    """
+
+    def __init__(
+        self,
+        tp: int = 1,
+        ep: int | None = None,
+        *,
+        topology: Topology | None = None,
+        order: str = "tp-ep-dp",
+        local_size: int | None = None,
+        num_experts: int | None = None,
+        tp_inside_node: bool = True,
+        timeout: timedelta | float | None = None,
+    ) -> None:
+        if topology is not None and local_size is not None:
+            raise ValueError(f"pass topology or local_size, not both (local_size={local_size})")
+        size, rank = dist.get_world_size(), dist.get_rank()
+        if topology is None:
+            # Validate what needs no communication first, so a bad tp raises
+            # on every rank before the detection's all-gather.
+            if tp < 1 or size % tp:
+                raise ValueError(f"tp={tp} must be >= 1 and divide the world size {size}")
+            topology = Topology.detect(None, local_size=local_size)
+        if topology.size != size or topology.rank != rank:
+            raise ValueError(f"topology describes rank {topology.rank} of {topology.size}, but this is rank {rank} "
+                             f"of a world of {size}")
+        self.layout = RankLayout(topology, tp, ep, order, tp_inside_node, num_experts)
+        self.topology = topology
+        self.rank = rank
+        self.timeout = resolve_timeout(timeout)
+        self.tp, self.ep, self.dp = self.layout.tp, self.layout.ep, self.layout.dp
+        coords = self.layout.coordinates(rank)
+        self.tp_rank, self.ep_rank, self.dp_rank = coords["tp"], coords["ep"], coords["dp"]
+
+        self._refs: dict[str, GroupRef] = {}
+        for kind in KINDS:  # the same order on every rank
+            if kind == "rail" and not topology.uniform:
+                continue
+            members = self.layout.group_of(kind, rank)
+            self._refs[kind] = new_subgroup(members, self.timeout, f"alltoall_{kind}")
+
+        ep_members = self.layout.group_of("ep", rank)
+        ep_topology = Topology.from_node_ids([topology.node_of_rank[r] for r in ep_members],
+                                             ep_members.index(rank), emulated=topology.emulated)
+        # Blocks are addressed by EP coordinate, which every TP replica agrees
+        # on; group order (ascending global rank) can differ from it when
+        # nodes are interleaved, so the EP Communicator is relabelled.
+        ep_order = [0] * self.ep
+        for position, r in enumerate(ep_members):
+            ep_order[self.layout.coordinates(r)["ep"]] = position
+        self.ep_comm = Communicator(self.ep_group, topology=ep_topology, timeout=self.timeout, rank_order=ep_order)
+        tp_ref = self._refs["tp"]
+        gather = _C.GroupGather(tp_ref.name, list(tp_ref.global_ranks), "tensor parallel", self.timeout.total_seconds())
+        t_of_member = tuple(self.layout.coordinates(r)["tp"] for r in tp_ref.global_ranks)
+        self._tp = TensorGroup(gather, self.tp_rank, t_of_member)
+
+    # Groups ---------------------------------------------------------------
+
+    def group(self, kind: str) -> dist.ProcessGroup:
+        """This rank's group of one kind: tp, ep, edp, dp, node or rail."""
+        if kind not in self._refs:
+            raise ValueError(f"no {kind!r} group here; kinds are {', '.join(self._refs)}")
+        return self._refs[kind].group
+
+    def ranks(self, kind: str) -> tuple[int, ...]:
+        """Global ranks of this rank's group of one kind."""
+        self.group(kind)
+        return self._refs[kind].global_ranks
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.group("tp")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self.group("ep")
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup:
+        return self.group("edp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.group("dp")
+
+    # The coordinated exchange ---------------------------------------------
+
+    def _equal_chunking(self, rows: int, what: str) -> Chunking:
+        if rows % (self.ep * self.tp):
+            raise ValueError(
+                f"{what}: dim 0 of the replicated input is {rows}, not divisible by ep*tp = {self.ep}*{self.tp}; "
+                f"each of the {self.ep} destination blocks must split into {self.tp} equal chunks"
+            )
+        return Chunking((rows // self.ep,) * self.ep, self.tp)
+
+    def coordinated_all_to_all(self, x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+        """Dispatch: the coordinated all-to-all of a TP-replicated buffer.
+
+        Args:
+            x: ``[R, *]``, identical on every rank of the TP group; block d
+                (rows ``[d*R/ep, (d+1)*R/ep)``) goes to EP rank d. R must divide
+                by ep*tp.
+            algorithm: the EP exchange's algorithm: "auto", "flat" or
+                "hierarchical".
+
+        Returns:
+            ``[R/tp, *]``: from every EP source s, this TP rank's chunk of the
+            block s sent here (see alltoall.ops.coordinated).
+        """
+        x = validation.check_tensor(x, "coordinated_all_to_all")
+        chunking = self._equal_chunking(x.shape[0], "coordinated_all_to_all")
+        return self.ep_comm.all_to_all(TakeChunks.apply(x, chunking, self._tp), algorithm)
+
+    def coordinated_all_to_all_back(self, y: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+        """Combine: the inverse of ``coordinated_all_to_all``.
+
+        Args:
+            y: ``[R/tp, *]``, laid out as ``coordinated_all_to_all`` returns.
+
+        Returns:
+            ``[R, *]``, identical on every rank of the TP group.
+        """
+        y = validation.check_tensor(y, "coordinated_all_to_all_back")
+        chunking = self._equal_chunking(y.shape[0] * self.tp, "coordinated_all_to_all_back")
+        return GatherChunks.apply(self.ep_comm.all_to_all(y, algorithm), chunking, self._tp)
+
+    def coordinated_all_to_all_v(
+        self,
+        x: torch.Tensor,
+        input_splits: validation.Splits,
+        output_splits: validation.Splits | None = None,
+        algorithm: str = "auto",
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        """Dispatch with uneven blocks.
+
+        Args:
+            x: ``[sum(input_splits), *]``, identical across the TP group.
+            input_splits: rows for each of the ep EP ranks (identical across
+                the TP group).
+            output_splits: rows each EP source sends here in full (before
+                chunking), when known.
+
+        Returns:
+            This TP rank's chunks, ``[sum over s of chunk_t(output_splits[s]), *]``.
+            Without output_splits: ``(chunks, chunk_splits)``, the rows received
+            from each EP source; pass chunk_splits to the combine.
+        """
+        x = validation.check_tensor(x, "coordinated_all_to_all_v")
+        ins = validation.splits_to_list(input_splits, "input_splits", self.ep, x.shape[0], "coordinated_all_to_all_v")
+        chunking = Chunking(tuple(ins), self.tp)
+        inner_out = None
+        if output_splits is not None:
+            outs = validation.splits_to_list(output_splits, "output_splits", self.ep, None, "coordinated_all_to_all_v")
+            inner_out = Chunking(tuple(outs), self.tp).sizes(self.tp_rank)
+        sliced = TakeChunks.apply(x, chunking, self._tp)
+        return self.ep_comm.all_to_all_v(sliced, chunking.sizes(self.tp_rank), inner_out, algorithm)
+
+    def coordinated_all_to_all_back_v(
+        self,
+        y: torch.Tensor,
+        input_splits: validation.Splits,
+        output_splits: validation.Splits,
+        algorithm: str = "auto",
+    ) -> torch.Tensor:
+        """Combine with uneven blocks: the inverse of ``coordinated_all_to_all_v``.
+
+        Args:
+            y: this TP rank's chunks, ``[sum(input_splits), *]``.
+            input_splits: rows of y for each EP rank (the chunk_splits the
+                dispatch returned).
+            output_splits: the full rows per EP rank of the replicated result
+                (the dispatch's input_splits), identical across the TP group.
+
+        Returns:
+            ``[sum(output_splits), *]``, identical across the TP group.
+        """
+        y = validation.check_tensor(y, "coordinated_all_to_all_back_v")
+        outs = validation.splits_to_list(output_splits, "output_splits", self.ep, None, "coordinated_all_to_all_back_v")
+        chunking = Chunking(tuple(outs), self.tp)
+        back = self.ep_comm.all_to_all_v(y, input_splits, chunking.sizes(self.tp_rank), algorithm)
+        return GatherChunks.apply(back, chunking, self._tp)
+
+    def describe(self) -> str:
+        return (f"tp={self.tp} ep={self.ep} dp={self.dp} order={self.layout.order}: rank {self.rank} is "
+                f"(t={self.tp_rank}, e={self.ep_rank}, d={self.dp_rank}) on {self.topology.describe()}")
