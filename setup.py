@@ -39,13 +39,18 @@ def sources(pattern: str) -> list[str]:
 
 
 def extension():
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp
+    # the CPU kernels' loops compile to a single thread. Linking -fopenmp
+    # resolves to the libgomp.so.1 torch has already loaded, so there is one
+    # OpenMP runtime and torch.set_num_threads applies to our loops too.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     if not build_with_cuda():
         return CppExtension(
             "alltoall._C",
             sources("*.cpp"),
             include_dirs=[CSRC],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     if CUDA_HOME is None:
         raise RuntimeError("ALLTOALL_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
@@ -55,7 +60,7 @@ def extension():
         sources("*.cpp") + sources("*.cu"),
         include_dirs=[CSRC, *nvidia_wheel_dirs("include")],
         library_dirs=nccl_lib,
-        extra_link_args=[f"-Wl,-rpath,{d}" for d in nccl_lib] + ["-l:libnccl.so.2"],
+        extra_link_args=[f"-Wl,-rpath,{d}" for d in nccl_lib] + ["-l:libnccl.so.2", "-fopenmp"],
         define_macros=[("ALLTOALL_WITH_CUDA", "1")],
         extra_compile_args={"cxx": [*cxx_flags, "-DALLTOALL_WITH_CUDA=1"], "nvcc": ["-O3", "-DALLTOALL_WITH_CUDA=1"]},
     )

@@ -5,6 +5,7 @@ transports (alltoall.transport), collectives with autograd (alltoall.ops).
 """
 
 from alltoall._library import _C  # noqa: F401
+from alltoall.moe import MoE as MoE  # re-export; the layer lives in alltoall.moe
 from alltoall.ops import Communicator, ParallelGroups, all_to_all, all_to_all_v
 from alltoall.plan import plan
 from alltoall.topology import RankLayout, Topology

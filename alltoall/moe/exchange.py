@@ -1,0 +1,146 @@
+"""Expert parallelism: the dispatch buffer goes to the ranks that own the
+experts, through the local experts, and back.
+
+Global expert e lives on EP rank ``e // L`` as its local expert ``e % L``
+(``L = E / ep`` local experts), so the expert-major dispatch buffer already
+holds one contiguous block per destination rank.
+
+- Padded (``drop_tokens=True``): every rank sends ``[L, C, M]`` to every
+  rank with the equal all-to-all; the received ``[ep, L, C, M]`` is regrouped
+  to ``[L, ep * C, M]`` so each expert runs once.
+- Dropless: per-expert counts are exchanged first (an equal all-to-all of
+  ``E`` integers), then the rows with the all-to-all-v; the received
+  ``[source rank][local expert]`` blocks are regrouped expert-major.
+
+The way back is the mirror image. ``to_experts`` and ``from_experts`` are the
+only two places that communicate rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from alltoall.moe.dispatch import Routing
+from alltoall.moe.experts import LocalExperts
+from alltoall.ops import Communicator
+
+
+class _GatherBlocks(torch.autograd.Function):
+    """Reorders whole row blocks (``torch.ops.alltoall.gather_blocks``) that
+    tile the input exactly; the backward scatters them back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, starts: list[int], counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.blocks = (starts, counts, x.shape[0])
+        return torch.ops.alltoall.gather_blocks(x, starts, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        starts, counts, rows = ctx.blocks
+        return torch.ops.alltoall.scatter_blocks(grad.contiguous(), starts, counts, rows), None, None
+
+
+def transpose_blocks(x: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+    """Rows stored as blocks ``counts[a][b]`` in (a, b) order, returned in
+    (b, a) order. Differentiable."""
+    outer, inner = len(counts), len(counts[0]) if counts else 0
+    offsets, running = [], 0
+    for a in range(outer):
+        offsets.append([])
+        for b in range(inner):
+            offsets[a].append(running)
+            running += counts[a][b]
+    starts = [offsets[a][b] for b in range(inner) for a in range(outer)]
+    sizes = [counts[a][b] for b in range(inner) for a in range(outer)]
+    return _GatherBlocks.apply(x, starts, sizes)
+
+
+class ExpertExchange:
+    """Runs the dispatch buffer through the experts of every EP rank.
+
+    Args:
+        comm: the EP group's Communicator, or None for a single rank (no
+            communication at all).
+        num_experts: E, divisible by the EP size.
+        algorithm: "auto", "flat" or "hierarchical", for every exchange.
+    """
+
+    def __init__(self, comm: Communicator | None, num_experts: int, algorithm: str) -> None:
+        self.comm = comm
+        self.ep = 1 if comm is None else comm.size
+        self.rank = 0 if comm is None else comm.rank
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep}")
+        self.num_local = num_experts // self.ep
+        self.algorithm = algorithm
+        if comm is not None:
+            comm.resolve(algorithm)  # a ValueError now rather than at the first forward
+
+    def check_equal_tokens(self, tokens: int, device: torch.device) -> None:
+        """Raises ValueError on every rank when the EP ranks hold different
+        token counts, which the padded (equal) exchange cannot carry. Costs
+        one all-reduce of two integers."""
+        if self.comm is None or self.ep == 1:
+            return
+        bounds = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.comm.group)
+        most, least = int(bounds[0]), -int(bounds[1])
+        if most != least:
+            raise ValueError(
+                f"MoE(drop_tokens=True) needs the same number of tokens on every rank of the expert-parallel "
+                f"group, but they hold between {least} and {most} (this rank: {tokens}); use drop_tokens=False "
+                f"for uneven batches"
+            )
+
+    # The exchange steps. Integration point for tp > 1 (issue 4): with TP
+    # ranks holding replicated tokens, these two calls become
+    # groups.coordinated_all_to_all / coordinated_all_to_all_back, which
+    # exchange among the ranks sharing a TP rank and all-gather over TP on
+    # the way back. Nothing else in the layer changes.
+
+    def to_experts(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+        """Rows for each EP rank, in rank order, to that rank. ``splits`` is
+        (send, receive) rows per rank; None for the equal exchange."""
+        if self.comm is None or self.ep == 1:
+            return x
+        if splits is None:
+            return self.comm.all_to_all(x, self.algorithm)
+        return self.comm.all_to_all_v(x, splits[0], splits[1], self.algorithm)
+
+    def from_experts(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+        """The inverse of ``to_experts`` with the same ``splits``."""
+        if self.comm is None or self.ep == 1:
+            return x
+        if splits is None:
+            return self.comm.all_to_all(x, self.algorithm)
+        return self.comm.all_to_all_v(x, splits[1], splits[0], self.algorithm)
+
+    # The flow ---------------------------------------------------------------
+
+    def run(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+        """The dispatch buffer ``[R, M]`` through the owning experts; returns
+        the experts' outputs in the same ``[R, M]`` layout."""
+        if routing.capacity is None:
+            return self._run_dropless(rows, routing, experts)
+        return self._run_padded(rows, routing.capacity, experts)
+
+    def _run_padded(self, rows: torch.Tensor, capacity: int, experts: LocalExperts) -> torch.Tensor:
+        ep, local, width = self.ep, self.num_local, rows.shape[1]
+        received = self.to_experts(rows)  # [ep source, local, C, M]
+        grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
+        out = experts(grouped, [ep * capacity] * local)
+        back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
+        return self.from_experts(back)
+
+    def _run_dropless(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+        ep, local = self.ep, self.num_local
+        sent = routing.counts.view(ep, local)
+        received = sent if self.comm is None or ep == 1 else self.comm.all_to_all(routing.counts, self.algorithm)
+        received = received.view(ep, local).tolist()  # [source rank][local expert], on the host
+        splits = (sent.sum(dim=1).tolist(), [sum(r) for r in received])
+        arrived = self.to_experts(rows, splits)
+        per_expert = [sum(received[src][e] for src in range(ep)) for e in range(local)]
+        out = experts(transpose_blocks(arrived, received), per_expert)
+        by_expert = [[received[src][e] for src in range(ep)] for e in range(local)]
+        return self.from_experts(transpose_blocks(out, by_expert), splits)

@@ -1,0 +1,166 @@
+"""MoE: the reference Mixture-of-Experts layer, with DeepSpeed's arguments."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alltoall.moe.dispatch import combine, dispatch
+from alltoall.moe.exchange import ExpertExchange
+from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_feed_forwards
+from alltoall.moe.gate import TopKGate, expert_capacity
+from alltoall.ops import Communicator
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts layer with expert parallelism over alltoall.
+
+    Each token picks its k best experts; its rows are scattered expert-major
+    (dispatch), exchanged with the ranks that own those experts, passed
+    through them, exchanged back and summed with the gate weights (combine).
+
+    Args:
+        hidden_size: M, the token width.
+        expert: the module replicated into every local expert (deep copies,
+            all with its weights). Alternatively pass ``ffn_hidden_size``.
+        num_experts: E in total, divisible by the expert-parallel size.
+        k: experts per token.
+        capacity_factor: training capacity factor (``drop_tokens=True``); see
+            ``expert_capacity`` for the rule.
+        eval_capacity_factor: the same in eval mode.
+        min_capacity: the least capacity per expert.
+        drop_tokens: True: fixed capacity, drops, padded buffers and the equal
+            all-to-all. All ranks of the EP group must then pass the same
+            number of tokens. False: dropless, exact counts and the all-to-all-v.
+        use_residual: PR-MoE: add a dense MLP (a copy of ``expert``) whose
+            output is mixed with the MoE's by a learned per-token softmax over
+            two coefficients.
+        ffn_hidden_size: build FeedForward(M, F) experts instead of copying
+            ``expert``; expert e is initialised from ``seed + e`` with the seed
+            drawn from the global RNG, so it starts the same for any EP size.
+        groups: a ``ParallelGroups`` (TP x EP); not supported yet, see
+            ``alltoall/moe/exchange.py``.
+        ep_group: the expert-parallel group: a ProcessGroup, a prebuilt
+            ``Communicator`` (e.g. with ``local_size=`` for emulated nodes), or
+            None for the default group (a single process when torch.distributed
+            is not initialised).
+        algorithm: "auto", "flat" or "hierarchical" for every exchange.
+        normalize_weights, router_z_loss_coef: see ``TopKGate``.
+        timeout: bound on every exchange's waits (the Communicator's default if None).
+        check_tokens: with ``drop_tokens=True``, all-reduce the local token
+            counts before each exchange and raise ValueError on every rank when
+            they differ. Without it such a mismatch fails inside the exchange
+            (gloo aborts the process; other backends wait for the timeout).
+
+    Construction is collective over the EP group when it builds the
+    Communicator (every rank, same order).
+
+    ``forward(x)`` takes ``[*, M]`` and returns ``(output [*, M], aux_loss,
+    expert_counts [E])``: ``aux_loss`` is this rank's load-balancing loss (plus
+    the z-loss term), ``expert_counts`` the local assignments per expert
+    before dropping (int64, detached).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert: nn.Module | None = None,
+        num_experts: int = 1,
+        *,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        use_residual: bool = False,
+        ffn_hidden_size: int | None = None,
+        groups: object | None = None,
+        ep_group: dist.ProcessGroup | Communicator | None = None,
+        algorithm: str = "auto",
+        normalize_weights: bool | None = None,
+        router_z_loss_coef: float = 0.0,
+        timeout: timedelta | float | None = None,
+        check_tokens: bool = False,
+    ) -> None:
+        super().__init__()
+        if (expert is None) == (ffn_hidden_size is None):
+            raise ValueError("pass exactly one of expert= (a module to replicate) and ffn_hidden_size=")
+        if groups is not None:
+            raise NotImplementedError(
+                "groups= (ParallelGroups, TP x EP) is not wired into MoE yet; pass ep_group= for expert "
+                "parallelism only (integration point: ExpertExchange.to_experts/from_experts)"
+            )
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if not factor > 0:
+                raise ValueError(f"{name}={factor} must be > 0")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.k = k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.use_residual = use_residual
+        self.check_tokens = check_tokens
+
+        self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
+                             z_loss_coef=router_z_loss_coef)
+        self.exchange = ExpertExchange(_ep_communicator(ep_group, timeout), num_experts, algorithm)
+        local = self.exchange.num_local
+        first = self.exchange.rank * local
+        # Drawn on every rank whatever the EP size, so the global RNG stays in step.
+        seed = int(torch.randint(0, 2**62, (1,)))
+        if expert is None:
+            assert ffn_hidden_size is not None
+            made = seeded_feed_forwards(hidden_size, ffn_hidden_size, seed, range(first, first + local))
+        else:
+            made = replicas(expert, local)
+        self.experts = LocalExperts(made, first)
+        if use_residual:
+            self.mlp = copy.deepcopy(expert) if expert is not None else FeedForward(hidden_size, ffn_hidden_size)
+            self.coefficient = nn.Linear(hidden_size, 2)
+
+    @property
+    def ep_size(self) -> int:
+        return self.exchange.ep
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.exchange.num_local
+
+    def capacity(self, tokens: int) -> int | None:
+        """Rows per expert for ``tokens`` local tokens in the current mode; None when dropless."""
+        if not self.drop_tokens:
+            return None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(tokens, self.num_experts, self.k, factor, self.min_capacity)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoE: input of shape {tuple(x.shape)} does not end in hidden_size={self.hidden_size}")
+        tokens = x.reshape(-1, self.hidden_size)
+        if self.drop_tokens and self.check_tokens:
+            self.exchange.check_equal_tokens(tokens.shape[0], tokens.device)
+        gate = self.gate(tokens, self.capacity(tokens.shape[0]))
+        rows = dispatch(tokens, gate.routing)
+        rows = self.exchange.run(rows, gate.routing, self.experts)
+        out = combine(rows, gate.routing, gate.weights.to(rows.dtype))
+        if self.use_residual:
+            mix = torch.softmax(self.coefficient(tokens), dim=-1)
+            out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
+        return out.reshape(x.shape), gate.aux_loss, gate.counts
+
+
+def _ep_communicator(ep_group: dist.ProcessGroup | Communicator | None,
+                     timeout: timedelta | float | None) -> Communicator | None:
+    if isinstance(ep_group, Communicator):
+        return ep_group
+    if ep_group is None and not dist.is_initialized():
+        return None
+    return Communicator(ep_group, timeout=timeout)
