@@ -14,6 +14,16 @@ holds one contiguous block per destination rank.
 
 The way back is the mirror image. ``to_experts`` and ``from_experts`` are the
 only two places that communicate rows.
+
+With tensor parallelism (``groups``, a ParallelGroups with tp = L > 1) the
+tokens, hence the dispatch buffer, are replicated across each TP group. The
+rows then travel by the coordinated exchange (DeepSpeed-MoE section 5.3):
+TP rank t sends only chunk t of every destination block to the ranks that
+share its TP rank, the experts run on those chunks, and the way back ends
+with an all-gather over the TP group that rebuilds the replicated buffer.
+A chunk may cut through an expert's rows, so the rows that arrive are
+regrouped by (source, local expert) pieces, which every rank can compute
+from the counts.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import torch.distributed as dist
 
 from alltoall.moe.dispatch import Routing
 from alltoall.moe.experts import LocalExperts
-from alltoall.ops import Communicator
+from alltoall.ops import Communicator, ParallelGroups
+from alltoall.ops.coordinated import Chunking
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -61,15 +72,21 @@ class ExpertExchange:
 
     Args:
         comm: the EP group's Communicator, or None for a single rank (no
-            communication at all).
+            communication at all). Ignored when ``groups`` is given.
         num_experts: E, divisible by the EP size.
         algorithm: "auto", "flat" or "hierarchical", for every exchange.
+        groups: TP x EP groups; with tp > 1 the coordinated exchange runs.
     """
 
-    def __init__(self, comm: Communicator | None, num_experts: int, algorithm: str) -> None:
+    def __init__(self, comm: Communicator | None, num_experts: int, algorithm: str,
+                 groups: ParallelGroups | None = None) -> None:
+        self.groups = groups if groups is not None and groups.tp > 1 else None
+        if groups is not None:
+            comm = groups.ep_comm
         self.comm = comm
         self.ep = 1 if comm is None else comm.size
-        self.rank = 0 if comm is None else comm.rank
+        # The EP coordinate: ParallelGroups relabels the EP group by it.
+        self.rank = groups.ep_rank if groups is not None else (0 if comm is None else comm.rank)
         if num_experts % self.ep:
             raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep}")
         self.num_local = num_experts // self.ep
@@ -121,6 +138,8 @@ class ExpertExchange:
     def run(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
         """The dispatch buffer ``[R, M]`` through the owning experts; returns
         the experts' outputs in the same ``[R, M]`` layout."""
+        if self.groups is not None:
+            return self._run_coordinated(rows, routing, experts)
         if routing.capacity is None:
             return self._run_dropless(rows, routing, experts)
         return self._run_padded(rows, routing.capacity, experts)
@@ -144,3 +163,36 @@ class ExpertExchange:
         out = experts(transpose_blocks(arrived, received), per_expert)
         by_expert = [[received[src][e] for src in range(ep)] for e in range(local)]
         return self.from_experts(transpose_blocks(out, by_expert), splits)
+
+    def _run_coordinated(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+        groups, ep, local = self.groups, self.ep, self.num_local
+        assert groups is not None
+        if routing.capacity is None:
+            sent = routing.counts.view(ep, local)
+            received = self.comm.all_to_all(routing.counts, self.algorithm).view(ep, local).tolist()
+            sent = sent.tolist()
+        else:
+            sent = received = [[routing.capacity] * local for _ in range(ep)]
+        full_in = [sum(row) for row in sent]  # rows of this TP group's buffer for each EP rank
+        full_out = [sum(row) for row in received]  # rows each EP source sends this TP group
+        arrived = groups.coordinated_all_to_all_v(rows, full_in, full_out, self.algorithm)
+        pieces = _chunk_pieces(received, Chunking(tuple(full_out), groups.tp), groups.tp_rank)
+        per_expert = [sum(pieces[s][e] for s in range(ep)) for e in range(local)]
+        out = experts(transpose_blocks(arrived, pieces), per_expert)
+        back = transpose_blocks(out, [[pieces[s][e] for s in range(ep)] for e in range(local)])
+        return groups.coordinated_all_to_all_back_v(back, [sum(p) for p in pieces], full_in, self.algorithm)
+
+
+def _chunk_pieces(received: list[list[int]], chunking: Chunking, t: int) -> list[list[int]]:
+    """Rows of each (source, local expert) inside TP rank t's chunk of each
+    source's block: the chunk is a row range, the experts' rows consecutive
+    ranges of the block."""
+    pieces = []
+    for source, counts in enumerate(received):
+        lo, hi = chunking.bounds(source, t)
+        row, mine = 0, []
+        for count in counts:
+            mine.append(max(0, min(hi, row + count) - max(lo, row)))
+            row += count
+        pieces.append(mine)
+    return pieces

@@ -13,7 +13,7 @@ from alltoall.moe.dispatch import combine, dispatch
 from alltoall.moe.exchange import ExpertExchange
 from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_feed_forwards
 from alltoall.moe.gate import TopKGate, expert_capacity
-from alltoall.ops import Communicator
+from alltoall.ops import Communicator, ParallelGroups
 
 
 class MoE(nn.Module):
@@ -42,8 +42,12 @@ class MoE(nn.Module):
         ffn_hidden_size: build FeedForward(M, F) experts instead of copying
             ``expert``; expert e is initialised from ``seed + e`` with the seed
             drawn from the global RNG, so it starts the same for any EP size.
-        groups: a ``ParallelGroups`` (TP x EP); not supported yet, see
-            ``alltoall/moe/exchange.py``.
+        groups: a ``ParallelGroups`` (TP x EP x DP). Its EP group carries the
+            experts; with tp > 1 the tokens must be replicated across each TP
+            group and the rows travel by the coordinated all-to-all, each TP
+            rank running the experts on 1/tp of the rows. Expert gradients are
+            then summed over the TP group in the backward, so every TP rank
+            holds the full gradient. Excludes ``ep_group``.
         ep_group: the expert-parallel group: a ProcessGroup, a prebuilt
             ``Communicator`` (e.g. with ``local_size=`` for emulated nodes), or
             None for the default group (a single process when torch.distributed
@@ -78,7 +82,7 @@ class MoE(nn.Module):
         drop_tokens: bool = True,
         use_residual: bool = False,
         ffn_hidden_size: int | None = None,
-        groups: object | None = None,
+        groups: ParallelGroups | None = None,
         ep_group: dist.ProcessGroup | Communicator | None = None,
         algorithm: str = "auto",
         normalize_weights: bool | None = None,
@@ -89,11 +93,8 @@ class MoE(nn.Module):
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
             raise ValueError("pass exactly one of expert= (a module to replicate) and ffn_hidden_size=")
-        if groups is not None:
-            raise NotImplementedError(
-                "groups= (ParallelGroups, TP x EP) is not wired into MoE yet; pass ep_group= for expert "
-                "parallelism only (integration point: ExpertExchange.to_experts/from_experts)"
-            )
+        if groups is not None and ep_group is not None:
+            raise ValueError("pass groups= (a ParallelGroups) or ep_group=, not both")
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if not factor > 0:
                 raise ValueError(f"{name}={factor} must be > 0")
@@ -111,7 +112,8 @@ class MoE(nn.Module):
 
         self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
                              z_loss_coef=router_z_loss_coef)
-        self.exchange = ExpertExchange(_ep_communicator(ep_group, timeout), num_experts, algorithm)
+        comm = None if groups is not None else _ep_communicator(ep_group, timeout)
+        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
@@ -122,6 +124,11 @@ class MoE(nn.Module):
         else:
             made = replicas(expert, local)
         self.experts = LocalExperts(made, first)
+        if groups is not None and groups.tp > 1:
+            # Each TP rank ran the experts on its 1/tp of the rows.
+            tp_group = groups.tp_group
+            for p in self.experts.parameters():
+                p.register_hook(lambda grad, group=tp_group: _summed_over(grad, group))
         if use_residual:
             self.mlp = copy.deepcopy(expert) if expert is not None else FeedForward(hidden_size, ffn_hidden_size)
             self.coefficient = nn.Linear(hidden_size, 2)
@@ -155,6 +162,12 @@ class MoE(nn.Module):
             mix = torch.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
         return out.reshape(x.shape), gate.aux_loss, gate.counts
+
+
+def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    total = grad.clone()
+    dist.all_reduce(total, group=group)
+    return total
 
 
 def _ep_communicator(ep_group: dist.ProcessGroup | Communicator | None,

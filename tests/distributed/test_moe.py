@@ -34,10 +34,16 @@ def _all_experts(layer: MoE, group: dist.ProcessGroup | None) -> list[FeedForwar
     return experts
 
 
-def _check_against_reference(layer: MoE, group: dist.ProcessGroup | None, tokens_of: list[int], seed: int) -> bool:
-    """Runs ``layer`` on this rank's tokens, the reference on every rank's,
-    and compares; returns whether this rank dropped any token."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+def _check_against_reference(layer: MoE, group: dist.ProcessGroup | None, tokens_of: list[int], seed: int,
+                             me: int | None = None) -> bool:
+    """Runs ``layer`` on this rank's tokens, the reference on every rank's of
+    ``group``, and compares; returns whether this rank dropped any token.
+
+    ``me`` is this rank's data index in ``group`` (default its rank there);
+    with tensor parallelism it is the EP coordinate, shared by a TP group.
+    """
+    rank = dist.get_rank(group) if me is None else me
+    size = len(tokens_of)
     inputs = [rank_input(r, tokens_of[r], (HIDDEN,), torch.float64, seed) for r in range(size)]
     probes = [rank_input(r, tokens_of[r], (HIDDEN,), torch.float64, seed + 1) for r in range(size)]
 
@@ -60,11 +66,12 @@ def _check_against_reference(layer: MoE, group: dist.ProcessGroup | None, tokens
     assert torch.equal(counts, expected[2])
     torch.testing.assert_close(x.grad, x_ref.grad)
     ours, ref = grads_of(layer), grads_of(reference)
-    # Replicated parameters: the sum over ranks of the local gradients.
+    # Replicated parameters: the sum over the group of the local gradients.
     for name in [n for n in ours if not n.startswith("experts.")]:
         dist.all_reduce(ours[name], group=group)
         torch.testing.assert_close(ours[name], ref["gate_weight" if name == "gate.wg.weight" else name], msg=name)
-    # Experts: each owner already holds the gradient from every rank's tokens.
+    # Experts: each owner already holds the gradient from every rank's tokens
+    # (with TP, summed over its TP group by the layer).
     for i, e in enumerate(layer.experts.global_indices):
         for name, p in layer.experts.experts[i].named_parameters():
             torch.testing.assert_close(p.grad, ref[f"experts.{e}.{name}"], msg=f"expert {e} {name}")
@@ -92,6 +99,31 @@ def _layer_matches_reference(local_size: int) -> tuple[int, bool]:
 def test_layer_matches_dense_reference(worlds, world, local_size):
     results = worlds.run(world, _layer_matches_reference, local_size, deadline_s=300)
     assert all(checked == 12 for checked, _ in results)
+    assert any(dropped for _, dropped in results), "no configuration dropped a token"
+
+
+def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> tuple[int, bool]:
+    groups = alltoall.ParallelGroups(tp, ep, local_size=local_size)
+    num_experts = 2 * ep
+    checked, dropped = 0, False
+    for drop, k, algorithm in itertools.product([True, False], [1, 2], ["flat", "hierarchical"]):
+        torch.manual_seed(20 * k + drop)  # the same replicated weights on every rank
+        layer = MoE(HIDDEN, num_experts=num_experts, k=k, ffn_hidden_size=FFN, drop_tokens=drop, min_capacity=1,
+                    use_residual=k == 2, router_z_loss_coef=0.01, groups=groups, algorithm=algorithm).double()
+        assert layer.ep_size == ep
+        assert list(layer.experts.global_indices) == [2 * groups.ep_rank, 2 * groups.ep_rank + 1]
+        # One batch per TP group (its ranks hold it replicated), uneven when dropless.
+        tokens_of = [10] * ep if drop else [3 + 5 * e for e in range(ep - 1)] + [0]
+        seed = 100 * groups.dp_rank + checked
+        dropped |= _check_against_reference(layer, groups.ep_group, tokens_of, seed, me=groups.ep_rank)
+        checked += 1
+    return checked, dropped
+
+
+@pytest.mark.parametrize("tp,ep,local_size", [(2, 4, 4), (4, 2, 4), (2, 2, 2)])
+def test_tensor_and_expert_parallel_layer_matches_dense_reference(worlds, tp, ep, local_size):
+    results = worlds.run(8, _tensor_and_expert_parallel, tp, ep, local_size, deadline_s=300)
+    assert all(checked == 8 for checked, _ in results)
     assert any(dropped for _, dropped in results), "no configuration dropped a token"
 
 
