@@ -13,70 +13,9 @@ import torch.distributed as dist
 
 import alltoall
 from alltoall.moe import MoE
-from alltoall.moe.experts import FeedForward
-from tests.harness.checks import rank_input
-from tests.harness.moe_checks import grads_of, reference_like
+from tests.harness.moe_checks import HIDDEN, check_against_reference
 
-HIDDEN, FFN = 6, 10
-
-
-def _all_experts(layer: MoE, group: dist.ProcessGroup | None) -> list[FeedForward]:
-    """Every rank's local experts, gathered, in global order."""
-    mine = {e: m.state_dict() for e, m in zip(layer.experts.global_indices, layer.experts.experts, strict=True)}
-    gathered: list[dict] = [{} for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(gathered, mine, group=group)
-    states = {e: s for part in gathered for e, s in part.items()}
-    experts = []
-    for e in range(layer.num_experts):
-        expert = FeedForward(HIDDEN, FFN).double()
-        expert.load_state_dict(states[e])
-        experts.append(expert)
-    return experts
-
-
-def _check_against_reference(layer: MoE, group: dist.ProcessGroup | None, tokens_of: list[int], seed: int,
-                             me: int | None = None) -> bool:
-    """Runs ``layer`` on this rank's tokens, the reference on every rank's of
-    ``group``, and compares; returns whether this rank dropped any token.
-
-    ``me`` is this rank's data index in ``group`` (default its rank there);
-    with tensor parallelism it is the EP coordinate, shared by a TP group.
-    """
-    rank = dist.get_rank(group) if me is None else me
-    size = len(tokens_of)
-    inputs = [rank_input(r, tokens_of[r], (HIDDEN,), torch.float64, seed) for r in range(size)]
-    probes = [rank_input(r, tokens_of[r], (HIDDEN,), torch.float64, seed + 1) for r in range(size)]
-
-    x = inputs[rank].clone().requires_grad_()
-    out, aux, counts = layer(x)
-    ((out * probes[rank]).sum() + 0.3 * aux).backward()
-
-    reference = reference_like(layer, _all_experts(layer, group), tokens_of[rank])
-    total = torch.zeros((), dtype=torch.float64)
-    for r in range(size):
-        xr = inputs[r].clone().requires_grad_(r == rank)
-        out_r, aux_r, counts_r = reference(xr)
-        total = total + (out_r * probes[r]).sum() + 0.3 * aux_r
-        if r == rank:
-            x_ref, expected = xr, (out_r, aux_r, counts_r)
-    total.backward()
-
-    torch.testing.assert_close(out, expected[0])
-    torch.testing.assert_close(aux, expected[1])
-    assert torch.equal(counts, expected[2])
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    ours, ref = grads_of(layer), grads_of(reference)
-    # Replicated parameters: the sum over the group of the local gradients.
-    for name in [n for n in ours if not n.startswith("experts.")]:
-        dist.all_reduce(ours[name], group=group)
-        torch.testing.assert_close(ours[name], ref["gate_weight" if name == "gate.wg.weight" else name], msg=name)
-    # Experts: each owner already holds the gradient from every rank's tokens
-    # (with TP, summed over its TP group by the layer).
-    for i, e in enumerate(layer.experts.global_indices):
-        for name, p in layer.experts.experts[i].named_parameters():
-            torch.testing.assert_close(p.grad, ref[f"experts.{e}.{name}"], msg=f"expert {e} {name}")
-    capacity = layer.capacity(tokens_of[rank])
-    return capacity is not None and bool((counts > capacity).any())
+FFN = 10
 
 
 def _layer_matches_reference(local_size: int) -> tuple[int, bool]:
@@ -90,7 +29,7 @@ def _layer_matches_reference(local_size: int) -> tuple[int, bool]:
                     use_residual=k == 2, router_z_loss_coef=0.01, ep_group=comm, algorithm=algorithm).double()
         # Capacity needs equal token counts; dropless also takes uneven ones, and none at all on the last rank.
         tokens_of = [12] * world if drop else [3 + 4 * r for r in range(world - 1)] + [0 if world > 1 else 5]
-        dropped |= _check_against_reference(layer, None, tokens_of, seed=checked)
+        dropped |= check_against_reference(layer, None, tokens_of, seed=checked)
         checked += 1
     return checked, dropped
 
@@ -115,7 +54,7 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> tuple[int,
         # One batch per TP group (its ranks hold it replicated), uneven when dropless.
         tokens_of = [10] * ep if drop else [3 + 5 * e for e in range(ep - 1)] + [0]
         seed = 100 * groups.dp_rank + checked
-        dropped |= _check_against_reference(layer, groups.ep_group, tokens_of, seed, me=groups.ep_rank)
+        dropped |= check_against_reference(layer, groups.ep_group, tokens_of, seed, me=groups.ep_rank)
         checked += 1
     return checked, dropped
 
@@ -135,11 +74,11 @@ def _expert_parallel_subgroups() -> None:
     layer = MoE(HIDDEN, num_experts=4, k=2, ffn_hidden_size=FFN, ep_group=group).double()
     assert (layer.ep_size, layer.num_local_experts, list(layer.experts.global_indices)) == (2, 2, [2 * (rank % 2),
                                                                                                   2 * (rank % 2) + 1])
-    _check_against_reference(layer, group, [8, 8], seed=rank // 2)
+    check_against_reference(layer, group, [8, 8], seed=rank // 2)
     torch.manual_seed(5)
     default = MoE(HIDDEN, num_experts=4, k=1, ffn_hidden_size=FFN, drop_tokens=False).double()
     assert default.ep_size == 4
-    _check_against_reference(default, None, [2, 0, 5, 1], seed=7)
+    check_against_reference(default, None, [2, 0, 5, 1], seed=7)
 
 
 def test_expert_parallel_subgroups_and_default_group(worlds):

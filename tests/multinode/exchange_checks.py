@@ -7,12 +7,16 @@ how many comparisons it made, so the test can tell that they all ran.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
 import alltoall
+from alltoall.moe import MoE
 from tests.harness.checks import assert_same_bytes, rank_input
 from tests.harness.coordinated_reference import check_equal, check_uneven
+from tests.harness.moe_checks import HIDDEN, check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64]
 TRAILING = [(), (5,)]
@@ -136,6 +140,32 @@ def coordinated(comm: alltoall.Communicator, device: torch.device, seed: int) ->
     return check_equal(groups, algorithms, device) + check_uneven(groups, algorithms, device)
 
 
+def moe(comm: alltoall.Communicator, device: torch.device, seed: int) -> int:
+    """The MoE layer across hosts against the dense single-process reference:
+    expert parallelism over the world (flat and hierarchical, drop and
+    dropless), then tp 2 x ep with the coordinated exchange."""
+    if device.type != "cpu":
+        return 0  # the reference check runs on the CPU
+    p = dist.get_world_size()
+    checked = 0
+    for drop, algorithm in itertools.product([True, False], ["flat", "hierarchical"]):
+        torch.manual_seed(seed + 10 * drop)
+        layer = MoE(HIDDEN, num_experts=p, k=2, ffn_hidden_size=8, drop_tokens=drop, min_capacity=1,
+                    use_residual=True, ep_group=comm, algorithm=algorithm).double()
+        tokens = [6] * p if drop else [1 + 2 * (r % 3) for r in range(p)]
+        check_against_reference(layer, None, tokens, seed=seed + checked)
+        checked += 1
+    if p >= 4 and comm.topology.ranks_per_node is not None and comm.topology.ranks_per_node % 2 == 0:
+        groups = alltoall.ParallelGroups(tp=2, topology=comm.topology, timeout=comm.timeout)
+        torch.manual_seed(seed + 99)
+        layer = MoE(HIDDEN, num_experts=groups.ep, k=2, ffn_hidden_size=8, drop_tokens=False, groups=groups,
+                    algorithm="hierarchical").double()
+        tokens = [2 + 3 * e for e in range(groups.ep)]
+        check_against_reference(layer, groups.ep_group, tokens, seed=seed + 50, me=groups.ep_rank)
+        checked += 1
+    return checked
+
+
 CHECKS = {
     "equal": equal_splits,
     "large": large,
@@ -143,7 +173,5 @@ CHECKS = {
     "backward": backward,
     "subgroups": subgroups,
     "coordinated": coordinated,
-    # INTEGRATION POINT, issue 5 (MoE layer): add "moe", the layer's forward and
-    # backward against its pure-torch reference on the same tokens.
-    # tests/multinode/test_suite.py lists both as pending until they land.
+    "moe": moe,
 }

@@ -28,6 +28,7 @@ def expected_counts(world_size: int, checks: Sequence[str] = tuple(ec.CHECKS)) -
         "backward": 2,
         "subgroups": 2 if world_size >= 4 else 0,
         "coordinated": 12 if world_size >= 4 else 0,
+        "moe": 5 if world_size >= 4 else 4,
     }
     return {name: counts[name] for name in checks}
 
