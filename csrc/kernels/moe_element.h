@@ -162,6 +162,32 @@ ALLTOALL_INLINE void combine_tile(const T* rows, T* y, const int64_t* dest_row, 
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+// Token s's whole output row, for element types that are their own
+// accumulator (float, double): the first kept choice is written scaled, the
+// others are added in place while the row sits in L1; zeros when every
+// choice was dropped. Same sum, in the same order, as combine_tile.
+template <typename T>
+ALLTOALL_INLINE void combine_row_in_place(const T* rows, T* y, const int64_t* dest_row, const T* weights, int64_t k,
+                                          int64_t cols, int64_t s, int64_t lane, int64_t lanes) {
+  T* out = y + s * cols + lane;
+  const int64_t n = cols - lane;
+  bool written = false;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t a = s * k + j;
+    const int64_t d = dest_row[a];
+    if (d < 0) continue;
+    const T w = weights == nullptr ? static_cast<T>(1) : weights[a];
+    const T* row = rows + d * cols + lane;
+    if (written) {
+      for_columns(n, lanes, [&](int64_t m) { out[m] += w * row[m]; });
+    } else {
+      for_columns(n, lanes, [&](int64_t m) { out[m] = w * row[m]; });
+      written = true;
+    }
+  }
+  if (!written) for_columns(n, lanes, [&](int64_t m) { out[m] = static_cast<T>(0); });
+}
+
 // Part of the dot product of token row s and the buffer row of assignment
 // a = s * k + j: the gradient of a combine weight. Zero when dropped. The
 // CUDA kernel sums the lanes' parts.

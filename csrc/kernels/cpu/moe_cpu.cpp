@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/moe.h"
@@ -18,6 +19,31 @@ constexpr int64_t kRouteChunk = 256;
 // Columns one combine step accumulates at once: wide enough to vectorise,
 // small enough to stay in registers and L1.
 constexpr int kCombineTile = 64;
+
+// Rows are read in routing order, which jumps across memory: start loading
+// the first lines of a row this many rows ahead of its use.
+constexpr int64_t kPrefetchAhead = 2;
+constexpr int64_t kPrefetchLines = 8;
+
+template <typename T>
+void prefetch_row(const T* row, int64_t cols) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t n = std::min<int64_t>(kPrefetchLines, (cols * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  for (int64_t line = 0; line < n; ++line) __builtin_prefetch(bytes + 64 * line);
+}
+
+template <typename T>
+void prefetch_combine_sources(const T* rows, const int64_t* dest, int64_t k, int64_t cols, int64_t s, int64_t end) {
+  if (s >= end) return;
+  for (int64_t j = 0; j < k; ++j) {
+    if (dest[s * k + j] >= 0) prefetch_row(rows + dest[s * k + j] * cols, cols);
+  }
+}
+
+template <typename T>
+void prefetch_dispatch_source(const T* x, const int64_t* source, int64_t k, int64_t cols, int64_t r, int64_t end) {
+  if (r < end && source[r] >= 0) prefetch_row(x + (source[r] / k) * cols, cols);
+}
 
 // About this many bytes of copying per parallel task.
 int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_bytes)); }
@@ -83,7 +109,10 @@ void dispatch_cpu(const at::Tensor& x, const at::Tensor& source, const at::Tenso
     const scalar_t* w = weights.defined() ? weights.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(cols * x.element_size()), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dispatch_row<scalar_t, Acc>(in, dst, src_of, w, k, cols, r, 0, 1);
+      for (int64_t r = begin; r < end; ++r) {
+        prefetch_dispatch_source(in, src_of, k, cols, r + kPrefetchAhead, end);
+        dispatch_row<scalar_t, Acc>(in, dst, src_of, w, k, cols, r, 0, 1);
+      }
     });
   });
 }
@@ -102,8 +131,13 @@ void combine_cpu(const at::Tensor& rows, const at::Tensor& dest_row, const at::T
     const int64_t grain = grain_for(k * cols * rows.element_size());
     at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
-        for (int64_t m0 = 0; m0 < cols; m0 += kCombineTile) {
-          combine_tile<scalar_t, Acc, kCombineTile>(in, out, dest, w, k, cols, s, m0);
+        if constexpr (std::is_same_v<scalar_t, Acc>) {
+          prefetch_combine_sources(in, dest, k, cols, s + kPrefetchAhead, end);
+          combine_row_in_place<scalar_t>(in, out, dest, w, k, cols, s, 0, 1);
+        } else {
+          for (int64_t m0 = 0; m0 < cols; m0 += kCombineTile) {
+            combine_tile<scalar_t, Acc, kCombineTile>(in, out, dest, w, k, cols, s, m0);
+          }
         }
       }
     });
