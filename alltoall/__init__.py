@@ -1,11 +1,12 @@
 """alltoall: all-to-all collectives for Mixture-of-Experts expert parallelism.
 
 Layers, bottom up: topology (alltoall.topology), plans (alltoall.plan),
-transports (alltoall.transport), collectives with autograd (alltoall.ops).
+transports (alltoall.transport), collectives with autograd (alltoall.ops),
+and on top the MoE layer (alltoall.moe) and the tools (alltoall.cli).
 """
 
 from alltoall._library import _C  # noqa: F401
-from alltoall.moe import MoE as MoE  # re-export; the layer lives in alltoall.moe
+from alltoall.moe import MoE
 from alltoall.ops import Communicator, ParallelGroups, all_to_all, all_to_all_v
 from alltoall.plan import plan
 from alltoall.topology import RankLayout, Topology
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Communicator",
+    "MoE",
     "ParallelGroups",
     "RankLayout",
     "Topology",
