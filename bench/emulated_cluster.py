@@ -5,8 +5,6 @@ By default every host runs ``torchrun --nnodes N --nproc-per-node G
 --node-rank i --master-addr <host 0> ... --no-python COMMAND``, so COMMAND
 is what every rank runs, e.g.::
 
-    sudo .venv/bin/python bench/emulated_cluster.py --nodes 2 --nproc-per-node 4 --rate 1gbit -- \\
-        .venv/bin/python bench/multinode_timing.py -b 1K -e 4M -f 4 --json bench/results/emu-2x4.json
     sudo .venv/bin/python bench/emulated_cluster.py --nodes 4 --nproc-per-node 2 -- \\
         .venv/bin/alltoall-bench -b 1K -e 4M -f 4 --algorithms flat,hierarchical,torch --json FILE --plot FILE.png
 
