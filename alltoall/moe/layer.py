@@ -93,6 +93,8 @@ class MoE(nn.Module):
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
             raise ValueError("pass exactly one of expert= (a module to replicate) and ffn_hidden_size=")
+        if groups is not None and not isinstance(groups, ParallelGroups):
+            raise ValueError(f"groups must be an alltoall.ParallelGroups, got {type(groups).__name__}")
         if groups is not None and ep_group is not None:
             raise ValueError("pass groups= (a ParallelGroups) or ep_group=, not both")
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
