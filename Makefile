@@ -45,7 +45,7 @@ bench-mpi: $(BUILT)
 	@echo "make bench-mpi: table, JSON, CSV and plot in $(BENCH_OUT)/ (alltoall-mpi.txt .json .csv .png)"
 
 lint: $(BUILT)
-	$(BIN)/ruff check alltoall tests bench setup.py
+	$(BIN)/ruff check alltoall tests bench examples setup.py
 
 cuda-check:
 	.ci/cuda_build_check

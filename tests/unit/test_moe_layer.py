@@ -119,5 +119,5 @@ def test_bad_arguments_raise_value_errors():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
-    with pytest.raises(ValueError, match="groups must be an alltoall.ParallelGroups, got object"):
+    with pytest.raises(ValueError, match=r"groups must be an alltoall\.ParallelGroups, got object"):
         MoE(4, num_experts=2, ffn_hidden_size=8, groups=object())
