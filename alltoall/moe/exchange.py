@@ -110,11 +110,8 @@ class ExpertExchange:
                 f"for uneven batches"
             )
 
-    # The exchange steps. Integration point for tp > 1 (issue 4): with TP
-    # ranks holding replicated tokens, these two calls become
-    # groups.coordinated_all_to_all / coordinated_all_to_all_back, which
-    # exchange among the ranks sharing a TP rank and all-gather over TP on
-    # the way back. Nothing else in the layer changes.
+    # The exchange steps without tensor parallelism (tp > 1 takes
+    # _run_coordinated instead).
 
     def to_experts(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """Rows for each EP rank, in rank order, to that rank. ``splits`` is
