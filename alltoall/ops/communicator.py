@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import autograd, consistency, selection, validation
+from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.plan import make_plan
 from alltoall.topology import Topology
 from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
@@ -83,6 +83,7 @@ class Communicator:
         self._exchangers = {"flat": self._exchanger_for("flat")}
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
+        self._keys = {name: traceable.register(ex) for name, ex in self._exchangers.items()}
         if self.rank_order is None:
             _by_group[self.group_ref.name] = weakref.ref(self)
 
@@ -144,6 +145,7 @@ class Communicator:
         comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
         comm._groups = {"world": comm.group_ref}
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
+        comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
         return comm
 
     # Collectives ------------------------------------------------------------
@@ -166,8 +168,15 @@ class Communicator:
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
-            flows through; the backward is the same exchange.
+            flows through; the backward is the same exchange. Under
+            torch.compile the call is the traceable op
+            ``torch.ops.alltoall.exchange_equal`` (check is then not run).
         """
+        if torch.compiler.is_compiling():
+            validation.check_tensor(x, "all_to_all")
+            validation.check_divisible(x, self.size, "all_to_all")
+            bytes_per_peer = x.numel() * x.element_size() // self.size
+            return traceable.exchange_equal(x, self._keys[self._resolve_for(algorithm, bytes_per_peer)])
 
         def validate() -> consistency.Validated:
             validation.check_tensor(x, "all_to_all")
