@@ -67,10 +67,12 @@ class C10dTransport final : public Transport {
   // thread dropped the last reference it would need the GIL, and at
   // interpreter exit Python kills threads that wait for the GIL, which
   // aborts the process. So wait the few microseconds until the worker has
-  // let go, and release the work on this thread.
+  // let go, and release the work on this thread. The wait is capped: if
+  // something else keeps the work alive (torch can register it with its
+  // output tensor), the call must not stall.
   void release_here(c10::intrusive_ptr<c10d::Work> work) const {
     if (!is_gloo_) return;
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
     while (work.use_count() > 1 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
   }
 
