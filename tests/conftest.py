@@ -3,7 +3,9 @@
 ``worlds`` runs a test body on N gloo ranks, once per transport: "auto"
 (shared memory wherever a group's ranks share a host, which on this machine
 is every group) and "c10d" (gloo's TCP for every phase), so every
-distributed test is a differential test of both.
+distributed test is a differential test of both. The shared-memory runs use
+1 KiB rings and single copies from 4 KiB, so the tests' messages also
+stream through rings in chunks and take the cross-memory path.
 
 Every test also checks that it leaves nothing in /dev/shm.
 """
@@ -17,7 +19,10 @@ import pytest
 
 from tests.harness.pool import Worlds
 
-TRANSPORTS = ("auto", "c10d")
+TRANSPORTS = {
+    "shm": {"ALLTOALL_TRANSPORT": "auto", "ALLTOALL_SHM_RING_BYTES": "1024", "ALLTOALL_SHM_SINGLE_COPY_BYTES": "4096"},
+    "c10d": {"ALLTOALL_TRANSPORT": "c10d"},
+}
 SHM_DIR = "/dev/shm"
 
 
@@ -29,18 +34,17 @@ def world_pools():
 
 
 class TransportWorlds:
-    """``Worlds`` with ALLTOALL_TRANSPORT set for every run."""
+    """``Worlds`` with a transport's environment set for every run."""
 
     def __init__(self, pools: Worlds, transport: str) -> None:
         self.pools = pools
         self.transport = transport
 
     def run(self, world_size: int, fn: Any, *args: Any, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
-        return self.pools.run(world_size, fn, *args, env={"ALLTOALL_TRANSPORT": self.transport, **(env or {})},
-                              **kwargs)
+        return self.pools.run(world_size, fn, *args, env={**TRANSPORTS[self.transport], **(env or {})}, **kwargs)
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=list(TRANSPORTS))
 def worlds(request, world_pools):
     return TransportWorlds(world_pools, request.param)
 
