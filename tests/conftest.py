@@ -7,7 +7,10 @@ distributed test is a differential test of both. The shared-memory runs use
 1 KiB rings and single copies from 4 KiB, so the tests' messages also
 stream through rings in chunks and take the cross-memory path.
 
-Every test also checks that it leaves nothing in /dev/shm.
+Every test also checks that it leaves nothing in /dev/shm. The session
+names its segments with a prefix of its own (``ALLTOALL_SHM_PREFIX``, which
+every rank process inherits), so other jobs' segments on the same machine
+do not count.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ TRANSPORTS = {
     "c10d": {"ALLTOALL_TRANSPORT": "c10d"},
 }
 SHM_DIR = "/dev/shm"
+SESSION_PREFIX = f"alltoall-test{os.getpid()}-"
+os.environ["ALLTOALL_SHM_PREFIX"] = SESSION_PREFIX
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +56,7 @@ def worlds(request, world_pools):
 
 def _segments() -> set[str]:
     try:
-        return {name for name in os.listdir(SHM_DIR) if name.startswith("alltoall-")}
+        return {name for name in os.listdir(SHM_DIR) if name.startswith(SESSION_PREFIX)}
     except FileNotFoundError:
         return set()
 
