@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import alltoall
+import alltoall.transport
 from alltoall.cli import bench_algorithms, bench_report, bench_traffic
 from alltoall.cli.bench_launch import launched_by_self, self_launch
 from alltoall.cli.bench_run import SweepOptions, sweep
@@ -55,6 +56,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _parse_transports(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in alltoall.transport.TRANSPORTS]
+    if unknown or not names:
+        raise ValueError(f"{text!r}: unknown {unknown or 'empty list'}; choose from "
+                         f"{', '.join(alltoall.transport.TRANSPORTS)}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alltoall-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=_typed(bench_traffic.parse_splits, "splits"), default="uniform",
                    help="uniform, zipf:ALPHA (skewed, MoE-like) or a file of n x n weights; "
                         "uneven splits time the all_to_all_v variants")
+    p.add_argument("--transports", type=_typed(_parse_transports, "transports"), default="auto",
+                   help="comma-separated transports for our algorithms: auto, shm, c10d (default auto); "
+                        "the first keeps the plain names, the others add a suffix (flat-c10d)")
     p.add_argument("--tp", type=_typed(_positive, "tp"), default=1,
                    help="tensor-parallel degree for the coordinated algorithm (default 1)")
     p.add_argument("--local-size", type=_typed(_positive, "local size"), default=None,
@@ -141,10 +154,12 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     device = torch.device("cuda", torch.cuda.current_device()) if launch.backend == "nccl" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    comm = alltoall.Communicator(local_size=args.local_size)
+    # One Communicator per transport, created in the same order everywhere.
+    comms = {t: alltoall.Communicator(local_size=args.local_size, transport=t) for t in args.transports}
+    comm = comms[args.transports[0]]
     launcher = "self" if launched_by_self() else launch.launcher
-    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform)
-    runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
+    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform, comms)
+    runners, skipped, descriptions = bench_algorithms.prepare(args.algorithms, ctx)
     dtype_name, dtype = args.datatype
     element_size = torch.empty((), dtype=dtype).element_size()
     sizes = bench_traffic.size_sweep(args.minbytes, args.maxbytes, args.stepfactor, comm.size, element_size)
@@ -156,7 +171,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
         warmup=args.warmup_iters, checks=args.check, seed=args.seed,
         threads=torch.get_num_threads() if device.type == "cpu" else 0,
-        algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
+        algorithms=descriptions, skipped=skipped)
     leader = comm.rank == 0
     if leader:
         print("\n".join(bench_report.header_lines(run)), flush=True)
