@@ -10,5 +10,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   alltoall::bindings::register_transport(m);
   alltoall::bindings::register_exchanger(m);
   alltoall::bindings::register_build_info(m);
-  alltoall::bindings::register_error_translation(m);
 }

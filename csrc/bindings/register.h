@@ -8,6 +8,5 @@ void register_plan(pybind11::module_& m);
 void register_transport(pybind11::module_& m);
 void register_exchanger(pybind11::module_& m);
 void register_build_info(pybind11::module_& m);
-void register_error_translation(pybind11::module_& m);
 
 }  // namespace alltoall::bindings
