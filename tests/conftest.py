@@ -11,6 +11,9 @@ Every test also checks that it leaves nothing in /dev/shm. The session
 names its segments with a prefix of its own (``ALLTOALL_SHM_PREFIX``, which
 every rank process inherits), so other jobs' segments on the same machine
 do not count.
+
+Tests marked ``gpu`` (or ``gpu(n)``) are skipped, saying why, where CUDA
+devices are missing or the extension was built without CUDA.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.devices import extension_has_cuda, missing_devices
 from tests.harness.pool import Worlds
 
 TRANSPORTS = {
@@ -67,3 +71,19 @@ def no_shared_memory_left():
     yield
     left = _segments() - before
     assert not left, f"the test left shared-memory segments in {SHM_DIR}: {sorted(left)}"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    built_with_cuda = None
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        reason = missing_devices(int(marker.args[0]) if marker.args else 1)
+        if reason is None:
+            if built_with_cuda is None:
+                built_with_cuda = extension_has_cuda()
+            if not built_with_cuda:
+                reason = "alltoall._C was built without CUDA (make test-gpu builds it with CUDA)"
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))

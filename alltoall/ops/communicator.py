@@ -13,7 +13,7 @@ from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.plan import make_plan
 from alltoall.topology import Topology, detect_hosts
-from alltoall.transport import GroupRef, link_class, make_transport, new_subgroup, resolve_timeout, resolve_transport
+from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -106,20 +106,25 @@ class Communicator:
     def _create_node_groups(self) -> dict[str, GroupRef]:
         """Intra-node then inter-node, on every rank in that order. A subgroup
         equal to the whole group reuses it; one of a single rank is not
-        needed, since plans drop phases that move nothing."""
+        needed, since plans drop phases that move nothing. Each kind is a
+        partition of the group, passed whole to ``new_subgroups`` so it can
+        split the group's communicator on a bound device."""
         topo = self.topology
         if not topo.uniform:
             return {}
         groups: dict[str, GroupRef] = {}
-        members = {
-            "intra_node": topo.ranks_of_node(topo.node),
-            "inter_node": topo.ranks_with_local_rank(topo.local_rank),
+        partitions = {
+            "intra_node": [topo.ranks_of_node(node) for node in range(topo.num_nodes)],
+            "inter_node": [topo.ranks_with_local_rank(local) for local in range(topo.ranks_per_node or 0)],
         }
-        for role, ranks in members.items():
-            if len(ranks) == self.size:
+        for role, parts in partitions.items():
+            if len(parts) == 1:
                 groups[role] = self.group_ref
-            elif len(ranks) > 1:
-                groups[role] = new_subgroup(self._global(ranks), self.timeout, f"alltoall_{role}")
+                continue
+            ref = new_subgroups(self.group_ref, [self._global(p) for p in parts if len(p) > 1], self.timeout,
+                                f"alltoall_{role}")
+            if ref is not None:
+                groups[role] = ref
         return groups
 
     def _hosts_of(self, ref: GroupRef) -> list[str]:
