@@ -371,7 +371,8 @@ void ShmProtocol::fail_waiting(const std::vector<int>& waiting_on, bool timed_ou
     for (int j : dead) global.push_back(segment_.global_ranks()[j]);
     broken_reason_ = "peer(s) died";
     throw ShmPeerDied("group rank(s) " + list(dead) + " (global rank(s) " + list(global) +
-                      ") exited while this rank waited for them in shared memory");
+                      ") left while this rank waited for them in shared memory (their process exited, or closed this "
+                      "group's transport)");
   }
   broken_reason_ = "timeout";
   throw ShmError("timed out after " + std::to_string(segment_.timeout().count()) +

@@ -82,7 +82,7 @@ def test_survivors_name_the_dead_peer(when):
     assert sorted(reports) == [r for r in range(WORLD) if r != VICTIM]
     for rank, (kind, message) in reports.items():
         assert kind == "DistBackendError", f"rank {rank}: {kind}: {message}"
-        assert f"group rank(s) [{VICTIM}] (global rank(s) [{VICTIM}]) exited" in message, message
+        assert f"group rank(s) [{VICTIM}] (global rank(s) [{VICTIM}]) left" in message, message
         assert "flat all_to_all phase 1/1 (world)" in message
         assert "timed out" not in message
     assert _segments() - before == set()
