@@ -48,7 +48,9 @@ def _rank(rank: int, store_path: str, when: str, results: mp.Queue) -> None:
     except BaseException as error:
         results.put((rank, type(error).__name__, str(error) + traceback.format_exc(), time.monotonic() - start))
     finally:
-        os._exit(0)  # a dead peer can hang gloo's teardown
+        results.close()
+        results.join_thread()  # flush the report before leaving
+        os._exit(0)  # without teardown: a dead peer can hang gloo's
 
 
 def threading_kill_after(seconds: float) -> None:

@@ -194,7 +194,7 @@ def test_unknown_transport_names_raise_before_communicating(world_pools):
 
 
 def _parallel_groups_transports() -> tuple[str, tuple[str, ...]]:
-    groups = alltoall.ParallelGroups(tp=2, local_size=2)
+    groups = alltoall.ParallelGroups(tp=2, local_size=4)
     return groups.tp_transport.kind, groups.ep_comm.transports("hierarchical")
 
 
