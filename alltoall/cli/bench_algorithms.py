@@ -207,6 +207,8 @@ REGISTRY: dict[str, Algorithm] = {
                   _always, _communicator_exchange("flat")),
         Algorithm("hierarchical", 'Communicator.all_to_all / all_to_all_v, algorithm="hierarchical"',
                   _hierarchical_unavailable, _communicator_exchange("hierarchical")),
+        Algorithm("auto", 'Communicator.all_to_all / all_to_all_v, algorithm="auto" (its picks follow the tables)',
+                  _always, _communicator_exchange("auto")),
         Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
                   _coordinated_unavailable, _coordinated_build, _coordinated_workload),
         Algorithm("torch", "torch.distributed.all_to_all_single (baseline)", _always, _torch_build),
@@ -215,10 +217,15 @@ REGISTRY: dict[str, Algorithm] = {
 }
 
 
+# "auto" runs one of the others; "all" leaves it out (its picks are listed anyway).
+NOT_IN_ALL = ("auto",)
+
+
 def parse_algorithms(text: str) -> list[str]:
-    """Names from a comma-separated list, or 'all', in the order given."""
+    """Names from a comma-separated list, or 'all' (every one but "auto"), in
+    the order given."""
     if text == "all":
-        return list(REGISTRY)
+        return [name for name in REGISTRY if name not in NOT_IN_ALL]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:
