@@ -7,11 +7,15 @@ traffic:
 
 - the node group (this rank's node): the intra-node class(es);
 - the rail group (one rank per node, same local index): the inter-node class;
+- pairs inside each (one message per call), which tell the fixed cost of a
+  phase from the cost per message;
 - local copy passes (``gather_blocks`` reversing the blocks): the copy rate.
 
-A flat exchange of b bytes per rank on a group of k ranks sends k-1
-messages and b(k-1)/k bytes, so each (class, size) is one sample of
-``messages * alpha + bytes / bandwidth`` (calibrate_fit). A class measured
+All groups of a scope run at once, as in an exchange, so links and cores
+shared between them are shared while timed. A flat exchange of b bytes per
+rank on a group of k ranks sends k-1 messages and b(k-1)/k bytes, so each
+(class, group, size) is one sample of ``phase + messages * alpha + bytes /
+bandwidth`` (calibrate_fit): a flat exchange is one phase. A class measured
 both inside a node and across real hosts (gloo's "tcp": loopback and
 network) is fitted from the cross-host samples, the ones its inter-node
 phases see. Times are the slowest rank's mean per call.
@@ -31,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 import alltoall
-from alltoall.cli.calibrate_fit import FitResult, Sample, fit_all
+from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
 from alltoall.ops import selection
-from alltoall.plan import LinkCost, Profile
+from alltoall.plan import Profile
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
 from alltoall.transport import new_subgroup, resolve_timeout
@@ -54,32 +58,50 @@ def _calls(size: int) -> tuple[int, int]:
 
 @dataclass
 class GroupRun:
-    scope: str  # "node" or "rail"
+    scope: str  # "node", "node pairs", "rail" or "rail pairs"
     transport: str
     link: str
-    comm: alltoall.Communicator
+    comm: alltoall.Communicator | None
 
 
-def _communicators(scope: str, members: tuple[int, ...], index: int, timeout) -> list[GroupRun]:
-    """A flat-ready Communicator on ``members`` (global ranks) for each
-    transport this build offers; duplicates of a link class are dropped."""
-    ref = new_subgroup(list(members), timeout, f"alltoall_calibrate_{scope}")
-    topo = Topology.emulate(len(members), len(members), index)
-    runs: list[GroupRun] = []
+def _scopes(topology: Topology) -> list[tuple[str, tuple[int, ...] | None]]:
+    """(scope, this rank's group in it or None), the same scopes on every
+    rank. Pairs (consecutive members of the node or rail group) time one
+    message per call, which tells the fixed cost of a phase from alpha."""
+    rank = topology.rank
+    out: list[tuple[str, tuple[int, ...] | None]] = []
+    groups = [("node", topology.ranks_of_node(topology.node))]
+    if topology.num_nodes > 1:
+        groups.append(("rail", topology.ranks_with_local_rank(topology.local_rank)))
+    for scope, members in groups:
+        out.append((scope, members if len(members) > 1 else None))
+        if len(members) > 2:
+            i = members.index(rank)
+            pair = members[i - i % 2: i - i % 2 + 2]
+            out.append((f"{scope} pairs", pair if len(pair) == 2 else None))
+    return out
+
+
+def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeout) -> list[GroupRun | None]:
+    """Per transport of TRANSPORTS: a Communicator on ``members`` (global
+    ranks), or None where this rank has no group, the transport does not
+    exist or cannot run here, or it gives a link class already covered."""
+    if members is None:
+        return [None] * len(TRANSPORTS)
+    ref = new_subgroup(list(members), timeout, f"alltoall_calibrate_{scope.replace(' ', '_')}")
+    topo = Topology.emulate(len(members), len(members), members.index(rank))
+    runs: list[GroupRun | None] = []
     seen: set[str] = set()
     for transport in TRANSPORTS:
         kwargs = {} if transport == "default" else {"transport": transport}
         try:
             comm = alltoall.Communicator(ref.group, topology=topo, timeout=timeout, **kwargs)
-        except TypeError:  # a Communicator without transports (before issue 10)
-            continue
-        except ValueError:  # this transport cannot run on this group
+        except (TypeError, ValueError):  # no such transport in this build, or not on this group
+            runs.append(None)
             continue
         link = selection.phase_links(comm, "flat", len(comm.exchanger("flat").plan.phases))[0]
-        if link in seen and transport != "default":
-            continue
+        runs.append(None if link in seen else GroupRun(scope, transport, link, comm))
         seen.add(link)
-        runs.append(GroupRun(scope, transport, link, comm))
     return runs
 
 
@@ -111,75 +133,81 @@ def _copy_samples(world: int) -> list[Sample]:
 @dataclass
 class Calibration:
     profile: Profile
-    fits: dict[str, FitResult]
+    fit: Fit
     samples: list[Sample]
     seconds: float
 
 
 def calibrate(topology: Topology, timeout) -> Calibration:
-    """Collective over the world: the sweep and the fit (every rank gets the result)."""
+    """Collective over the world: the sweep and the fit. Rank 0's result is
+    the one to keep (it is in a group of every scope)."""
     start = time.perf_counter()
     timeout = resolve_timeout(timeout)
     rank, size = dist.get_rank(), dist.get_world_size()
-    if topology.size != size:
-        raise ValueError(f"calibrate runs on the world; the topology has {topology.size} of {size} ranks")
-    scopes: list[tuple[str, tuple[int, ...]]] = [("node", topology.ranks_of_node(topology.node))]
-    if topology.uniform and topology.num_nodes > 1:
-        scopes.append(("rail", topology.ranks_with_local_rank(topology.local_rank)))
-    runs: list[GroupRun] = []
-    for scope, members in scopes:  # same order on every rank
-        if len(members) > 1:
-            runs += _communicators(scope, members, members.index(rank), timeout)
-    # Every rank times the same (scope, transport) list, in the same order.
+    if topology.size != size or not topology.uniform:
+        raise ValueError(f"calibrate runs on the whole world in nodes of equal size; this topology is "
+                         f"{topology.describe()}")
+    if size < 2:
+        raise ValueError("calibrate needs at least two ranks")
+    slots: list[GroupRun | None] = []
+    for scope, members in _scopes(topology):  # the same scopes, in the same order, on every rank
+        slots += _communicators(scope, members, rank, timeout)
     samples: list[Sample] = []
-    scoped: dict[str, set[str]] = {}
-    for run in runs:
-        k = run.comm.size
+    tagged: list[tuple[str, str]] = []  # (link, scope) of each exchange sample
+    for run in slots:  # every rank walks every slot: the timing collectives line up
         for nbytes in SIZES:
+            if run is None:
+                _slowest_mean_us(lambda: None, nbytes, None)
+                continue
+            k = run.comm.size
             elements = max(k, nbytes // 4 // k * k)
             x = torch.zeros(elements, dtype=torch.float32)
             t = _slowest_mean_us(lambda c=run.comm, x=x: c.all_to_all(x, "flat"), nbytes, None)
             samples.append(Sample(run.link, k - 1, elements * 4 * (k - 1) / k, t))
-            scoped.setdefault(run.link, set()).add(run.scope)
-        run.comm = None  # type: ignore[assignment]  # release before the groups go
-    real_hosts = not topology.emulated and topology.num_nodes > 1
-    if real_hosts:
-        tagged = [(run.link, run.scope) for run in runs for _ in SIZES]
+            tagged.append((run.link, run.scope))
+    # A class seen inside a node and across real hosts (gloo: loopback and the
+    # network) is fitted on the cross-host samples, which its inter-node phases see.
+    if not topology.emulated and topology.num_nodes > 1:
+        across = {link for link, scope in tagged if scope.startswith("rail")}
         samples = [s for s, (link, scope) in zip(samples, tagged, strict=True)
-                   if not (scope == "node" and "rail" in scoped[link])]
+                   if scope.startswith("rail") or link not in across]
     samples += _copy_samples(size)
-    fits = fit_all(samples)
-    by_scope = {(run.scope, run.transport): run.link for run in runs}
-    intra = by_scope.get(("node", "default")) or by_scope.get(("rail", "default"))
-    inter = by_scope.get(("rail", "default")) or intra
+    fit = fit_all(samples)
+    default = {run.scope: run.link for run in slots if run is not None and run.transport == "default"}
+    intra = default.get("node") or default.get("rail")
+    inter = default.get("rail") or intra
     if intra is None:
-        raise ValueError("calibrate needs at least two ranks")
-    links = {link: fit.cost for link, fit in fits.items() if link != "copy"}
+        raise ValueError("calibrate found no group of two or more ranks to time")
+    for run in slots:  # release the Communicators before their groups go
+        if run is not None:
+            run.comm = None
     profile = Profile(
-        links=links, copy=fits["copy"].cost, intra_node=intra, inter_node=inter,
+        links={link: r.cost for link, r in fit.links.items() if link != COPY}, copy=fit.links[COPY].cost,
+        phase_us=fit.phase_us, intra_node=intra, inter_node=inter,
         name="calibrated", description=f"alltoall-bench --calibrate on {size} ranks, {topology.describe()}",
-        sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the node and rail groups, "
-                 f"{len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
-        fit={link: fit.to_json() for link, fit in fits.items()},
+        sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the node and rail groups "
+                 f"and on pairs inside them, {len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
+        fit={link: r.to_json() for link, r in fit.links.items()},
     )
-    return Calibration(profile, fits, samples, time.perf_counter() - start)
+    return Calibration(profile, fit, samples, time.perf_counter() - start)
 
 
 def report_lines(cal: Calibration) -> list[str]:
     """The fit, per class, with its error: what --calibrate prints."""
-    lines = [f"# calibrated in {cal.seconds:.1f} s: {len(cal.samples)} samples",
+    fit = cal.fit
+    lines = [f"# calibrated in {cal.seconds:.1f} s: {len(cal.samples)} samples; "
+             f"fixed cost per phase {fit.phase_us:.1f} us",
              f"# {'class':<8} {'alpha (us)':>11} {'bandwidth (GB/s)':>17} {'samples':>8} "
              f"{'max err':>8} {'mean err':>9}"]
-    for link, fit in cal.fits.items():
-        lines.append(f"# {link:<8} {fit.cost.alpha_us:>11.2f} {fit.cost.gbps:>17.3f} {fit.samples:>8d} "
-                     f"{fit.max_error:>7.1%} {fit.mean_error:>9.1%}")
+    for link, r in fit.links.items():
+        lines.append(f"# {link:<8} {r.cost.alpha_us:>11.2f} {r.cost.gbps:>17.3f} {r.samples:>8d} "
+                     f"{r.max_error:>7.1%} {r.mean_error:>9.1%}")
     lines.append(f"# intra-node class {cal.profile.intra_node}, inter-node class {cal.profile.inter_node}, "
                  f"hash {cal.profile.hash}")
-    lines.append(f"# {'class':<8} {'size (B)':>10} {'messages':>9} {'measured (us)':>14} {'fitted (us)':>12}")
+    lines.append(f"# {'class':<8} {'bytes':>10} {'messages':>9} {'measured (us)':>14} {'fitted (us)':>12}")
     for s in cal.samples:
-        cost = cal.fits[s.link].cost
         lines.append(f"# {s.link:<8} {s.bytes:>10.0f} {s.messages:>9d} {s.time_us:>14.1f} "
-                     f"{cost.time_us(s.messages, s.bytes):>12.1f}")
+                     f"{fit.predicted_us(s):>12.1f}")
     return lines
 
 
@@ -196,4 +224,4 @@ def run(topology: Topology, timeout) -> int:
     return 0
 
 
-__all__ = ["SIZES", "Calibration", "LinkCost", "calibrate", "report_lines", "run"]
+__all__ = ["SIZES", "Calibration", "calibrate", "report_lines", "run"]

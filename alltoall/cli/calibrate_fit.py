@@ -1,24 +1,33 @@
-"""The fit behind ``alltoall-bench --calibrate``: alpha and bandwidth per link
-class from timed exchanges. Pure arithmetic; the sweep is in calibrate.py.
+"""The fit behind ``alltoall-bench --calibrate``: a cost profile's numbers from
+timed exchanges. Pure arithmetic; the sweep is in calibrate.py.
 
-Each sample is one timed exchange on one link class: ``messages`` sent per
-rank, ``bytes`` sent per rank, and the measured microseconds. The model
-``time = messages * alpha + bytes / bandwidth`` is fitted by least squares
-on relative errors (every size weighs the same, from 1 KiB to MiBs), with
-alpha >= 0. Copy passes are fitted the same way with one "message" per pass.
+Each exchange sample is one timed call on one link class: ``messages`` sent
+per rank, ``bytes`` sent per rank, and the measured microseconds. The model
+
+    time = phase + messages * alpha[link] + bytes / bandwidth[link]
+
+(a flat exchange is one phase) has one ``phase`` shared by every class (the
+fixed cost of a collective call) and alpha, bandwidth per class. It is fitted by least squares on
+relative errors (every size weighs the same, from 1 KiB to MiBs) with every
+term >= 0: a term that comes out negative is pinned at 0 and the rest
+refitted. ``phase`` and alpha are told apart by groups with different
+message counts; when every class was timed with one count only, ``phase``
+is 0 and alpha carries it. Copy passes (``link`` = "copy", one "message"
+per pass) are fitted on their own, without ``phase``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from alltoall.plan import LinkCost
 
-# A bandwidth the fit reports when the bytes term is not resolved (all samples
-# the same size, or time falling with size): effectively free bytes.
+# The bandwidth reported when the bytes term fits at 0 (time not growing with size).
 UNRESOLVED_GBPS = 1e6
+COPY = "copy"
 
 
 @dataclass(frozen=True)
@@ -41,45 +50,70 @@ class FitResult:
                 "mean_relative_error": round(self.mean_error, 4)}
 
 
-def _weighted_lstsq(rows: Sequence[tuple[float, float]], targets: Sequence[float]) -> tuple[float, float]:
-    """Minimises sum(((a x + b y) - t) / t)^2 over (x, y): 2x2 normal equations."""
-    s_aa = s_ab = s_bb = s_at = s_bt = 0.0
-    for (a, b), t in zip(rows, targets, strict=True):
-        w = 1.0 / (t * t)
-        s_aa += w * a * a
-        s_ab += w * a * b
-        s_bb += w * b * b
-        s_at += w * a * t
-        s_bt += w * b * t
-    det = s_aa * s_bb - s_ab * s_ab
-    if abs(det) <= 1e-12 * max(s_aa * s_bb, 1e-300):
-        raise ValueError("the samples do not separate alpha from bandwidth: time more than one size")
-    return (s_at * s_bb - s_bt * s_ab) / det, (s_aa * s_bt - s_ab * s_at) / det
+@dataclass(frozen=True)
+class Fit:
+    phase_us: float
+    links: dict[str, FitResult]  # link classes, and "copy"
+
+    def predicted_us(self, s: Sample) -> float:
+        return (0.0 if s.link == COPY else self.phase_us) + self.links[s.link].cost.time_us(s.messages, s.bytes)
 
 
-def fit_link(samples: Iterable[Sample]) -> FitResult:
-    """alpha (us per message) and bandwidth (GB/s) of one class."""
+def _nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """argmin ||(a x - t) / t|| with x >= 0, by pinning negative terms at 0."""
+    w = 1.0 / t
+    free = list(range(a.shape[1]))
+    x = np.zeros(a.shape[1])
+    while free:
+        sub = a[:, free] * w[:, None]
+        sol, *_ = np.linalg.lstsq(sub, t * w, rcond=None)
+        if (sol >= 0).all():
+            x[free] = sol
+            return x
+        free.pop(int(np.argmin(sol)))  # the most negative term goes to 0
+    return x
+
+
+def _errors(fit: Fit, samples: Sequence[Sample]) -> tuple[float, float]:
+    errs = [abs(fit.predicted_us(s) - s.time_us) / s.time_us for s in samples]
+    return max(errs), sum(errs) / len(errs)
+
+
+def fit_all(samples: Iterable[Sample]) -> Fit:
+    """Fits phase, alpha and bandwidth of every class (and copy) present."""
     samples = [s for s in samples if s.time_us > 0]
-    if len(samples) < 2:
-        raise ValueError(f"a fit needs at least two timed sizes, got {len(samples)}")
-    rows = [(float(s.messages), float(s.bytes)) for s in samples]
-    times = [s.time_us for s in samples]
-    alpha, per_byte = _weighted_lstsq(rows, times)
-    if alpha < 0:  # latency below resolution: fit bytes alone
-        alpha = 0.0
-        per_byte = sum(b * t / t**2 for (_, b), t in zip(rows, times, strict=True)) / \
-            sum(b * b / t**2 for (_, b), t in zip(rows, times, strict=True))
-    if per_byte <= 0 or not math.isfinite(per_byte):
-        per_byte = 1.0 / (UNRESOLVED_GBPS * 1e3)
-        alpha = sum(t / m for (m, _), t in zip(rows, times, strict=True) if m) / max(1, sum(1 for m, _ in rows if m))
-    cost = LinkCost(alpha_us=alpha, gbps=1.0 / (per_byte * 1e3))
-    errors = [abs(cost.time_us(m, b) - t) / t for (m, b), t in zip(rows, times, strict=True)]
-    return FitResult(cost, len(samples), max(errors), sum(errors) / len(errors))
-
-
-def fit_all(samples: Iterable[Sample]) -> dict[str, FitResult]:
-    """One fit per link class present in ``samples``."""
-    by_link: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_link.setdefault(s.link, []).append(s)
-    return {link: fit_link(group) for link, group in sorted(by_link.items())}
+    exchange = [s for s in samples if s.link != COPY]
+    copies = [s for s in samples if s.link == COPY]
+    links = sorted({s.link for s in exchange})
+    for link in [*links, *([COPY] if copies else [])]:
+        group = [s for s in samples if s.link == link]
+        if len({s.bytes for s in group}) < 2:
+            raise ValueError(f"{link}: the samples do not separate alpha from bandwidth: time more than one size "
+                             f"(got {len(group)} sample(s))")
+    params: dict[str, tuple[float, float]] = {}
+    phase = 0.0
+    if exchange:
+        # Columns: phase, then (alpha, per byte) of every class.
+        a = np.zeros((len(exchange), 1 + 2 * len(links)))
+        for i, s in enumerate(exchange):
+            j = 1 + 2 * links.index(s.link)
+            a[i, 0], a[i, j], a[i, j + 1] = 1.0, s.messages, s.bytes
+        t = np.array([s.time_us for s in exchange])
+        if np.linalg.matrix_rank(a) < a.shape[1]:
+            a[:, 0] = 0.0  # one message count per class: phase folds into alpha
+        x = _nonnegative_lstsq(a, t)
+        phase = float(x[0])
+        params = {link: (float(x[1 + 2 * k]), float(x[2 + 2 * k])) for k, link in enumerate(links)}
+    if copies:
+        a = np.array([[1.0, s.bytes] for s in copies])
+        x = _nonnegative_lstsq(a, np.array([s.time_us for s in copies]))
+        params[COPY] = (float(x[0]), float(x[1]))
+    costs = {link: LinkCost(alpha, UNRESOLVED_GBPS if per_byte <= 0 else min(UNRESOLVED_GBPS, 1e-3 / per_byte))
+             for link, (alpha, per_byte) in params.items()}
+    draft = Fit(phase, {link: FitResult(cost, 0, 0.0, 0.0) for link, cost in costs.items()})
+    results = {}
+    for link, cost in costs.items():
+        group = [s for s in samples if s.link == link]
+        worst, mean = _errors(draft, group)
+        results[link] = FitResult(cost, len(group), worst, mean)
+    return Fit(phase, results)

@@ -1,11 +1,12 @@
 """The cost model: predicted time of a plan for a size and a profile (layer 2).
 
-For every phase, each message costs alpha and each byte 1/bandwidth of its
+Every phase costs the profile's ``phase_us`` (one collective call on its
+transport), each of its messages alpha and each byte 1/bandwidth of its
 link class; every reorder pass costs one copy of the buffer at the copy
-rate. The terms add up: a rank runs its phases one after the other, and the
-model charges the messages of one phase in sequence too (alpha is the cost
-per message as measured in a whole exchange, with whatever overlap the
-transport achieves folded in).
+rate. The terms add up: a rank runs its phases one after the other, and
+the model charges the messages of one phase in sequence too (alpha is the
+cost per message as measured in a whole exchange, with whatever overlap
+the transport achieves folded in).
 
 A phase's link class is what ``Communicator.links`` reports for it, or, for
 a plan built offline, the profile's intra-node class when the phase stays
@@ -13,9 +14,10 @@ inside one node and its inter-node class otherwise. Inside a phase that
 spans nodes, messages to peers on the same node go over the profile's
 intra-node class (NCCL sends them over NVLink; gloo over loopback).
 
-The coordinated plan adds the copies of its Python composition: taking this
-TP rank's chunks (1/tp of the buffer) and reassembling the gathered chunks
-(the whole buffer). Uneven exchanges' count messages are not modelled.
+The coordinated plan (the EP all-to-all, then the TP all-gather) adds the
+copies of its Python composition: taking this TP rank's chunks (1/tp of
+the buffer) and reassembling the gathered chunks (the whole buffer).
+Uneven exchanges' count messages are not modelled.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def predict_plan(
         copy("take chunks", raw.num_blocks / raw.tp)
     for i, (phase, link) in enumerate(zip(phases, links, strict=True)):
         name = f"phase {i + 1} {phase.collective} ({phase.role})"
+        if profile.phase_us:
+            costs.append(Cost(name, "phase", 0, 0.0, profile.phase_us))
         if len(phase.pre_permutation):
             copy(f"reorder before phase {i + 1}", len(phase.pre_permutation))
         peers = [r for r in phase.group_ranks if r != raw.rank]

@@ -3,7 +3,10 @@
 A profile describes one system: for every link class the plans' phases run
 on, a per-message cost alpha (microseconds) and a bandwidth (GB/s, 1e9 bytes
 per second), the cost of one local copy pass (the reorders between phases),
-and which class carries messages between two ranks of one node and between
+a fixed cost per phase (``phase_us``: one collective call on a transport,
+and on an oversubscribed CPU host the wait for every rank to be scheduled),
+and
+which class carries messages between two ranks of one node and between
 nodes. ``alltoall-bench --calibrate`` fits one on the running job; shipped
 profiles (``alltoall/plan/profiles/*.json``) describe published GPU systems.
 
@@ -15,7 +18,7 @@ Files are JSON (``alltoall-profile/1``)::
 
     {"schema": "alltoall-profile/1", "name": "...", "description": "...",
      "links": {"shm": {"alpha_us": 4.1, "gbps": 3.2}, "tcp": {...}},
-     "copy": {"alpha_us": 1.0, "gbps": 5.0},
+     "copy": {"alpha_us": 1.0, "gbps": 5.0}, "phase_us": 0.0,
      "intra_node": "shm", "inter_node": "tcp",
      "sources": ["..."], "fit": {...}}
 """
@@ -69,6 +72,7 @@ class Profile:
     copy: LinkCost
     intra_node: str
     inter_node: str
+    phase_us: float = 0.0
     name: str = "unnamed"
     description: str = ""
     sources: tuple[str, ...] = ()
@@ -76,6 +80,8 @@ class Profile:
     path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if not self.phase_us >= 0:
+            raise ValueError(f"profile {self.name!r}: phase_us must be >= 0, got {self.phase_us}")
         unknown = [k for k in self.links if k not in LINK_CLASSES]
         if unknown:
             raise ValueError(f"profile {self.name!r}: unknown link classes {unknown}; "
@@ -100,6 +106,7 @@ class Profile:
             "description": self.description,
             "links": {k: v.to_json() for k, v in sorted(self.links.items())},
             "copy": self.copy.to_json(),
+            "phase_us": self.phase_us,
             "intra_node": self.intra_node,
             "inter_node": self.inter_node,
             "sources": list(self.sources),
@@ -111,8 +118,9 @@ class Profile:
     @property
     def hash(self) -> str:
         """sha256 (16 hex digits) of everything a prediction reads: links,
-        copy and the two node classes. Names and notes do not count."""
-        decisive = {k: v for k, v in self.to_json().items() if k in ("links", "copy", "intra_node", "inter_node")}
+        copy, call and the two node classes. Names and notes do not count."""
+        keys = ("links", "copy", "phase_us", "intra_node", "inter_node")
+        decisive = {k: v for k, v in self.to_json().items() if k in keys}
         text = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -125,6 +133,7 @@ class Profile:
             links = {k: LinkCost(float(v["alpha_us"]), float(v["gbps"])) for k, v in doc["links"].items()}
             copy = LinkCost(float(doc["copy"]["alpha_us"]), float(doc["copy"]["gbps"]))
             return cls(links=links, copy=copy, intra_node=doc["intra_node"], inter_node=doc["inter_node"],
+                       phase_us=float(doc.get("phase_us", 0.0)),
                        name=doc.get("name", "unnamed"), description=doc.get("description", ""),
                        sources=tuple(doc.get("sources", ())), fit=doc.get("fit"), path=path)
         except (KeyError, TypeError) as error:

@@ -131,3 +131,14 @@ def test_active_profile_from_environment(tmp_path, monkeypatch):
     assert profiles.output_path() == profiles.default_path()  # a shipped name is not overwritten
     monkeypatch.setenv(profiles.PROFILE_ENV, str(tmp_path / "mine.json"))
     assert profiles.output_path() == tmp_path / "mine.json"
+
+
+def test_phase_cost_by_hand():
+    per_phase = Profile(links=PROFILE.links, copy=PROFILE.copy, intra_node="shm", inter_node="tcp", phase_us=50.0)
+    assert plan(8, 4, "flat").predict(B, per_phase).time_us == pytest.approx(50.0 + 6.768 + 44.096)
+    for algorithm, tp in (("hierarchical", 1), ("coordinated", 2)):  # two phases each
+        summary = plan(8, 4, algorithm, tp)
+        assert summary.predict(B, per_phase).time_us == pytest.approx(100.0 + summary.predict(B, PROFILE).time_us)
+    assert plan(8, 8, "hierarchical").predict(B, per_phase).time_us == pytest.approx(
+        50.0 + plan(8, 8, "hierarchical").predict(B, PROFILE).time_us)  # one node: one phase
+    assert per_phase.hash != PROFILE.hash
