@@ -9,7 +9,8 @@ import sys
 from alltoall.plan import profile as profiles
 from tests.cli.test_bench_cli import TINY, bench, run_cli, validate
 
-NO_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from {module} import main; raise SystemExit(main({argv}))"
+NO_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; "
+                 "from {module} import main; raise SystemExit(main({argv}))")
 
 
 def test_calibrate_then_bench_with_the_profile(tmp_path):
