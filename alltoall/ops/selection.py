@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -78,7 +78,6 @@ class ModelSelector:
     links: Sequence[dict[str, tuple[str, ...]]]
     algorithms: tuple[str, ...]
     rank_order: Sequence[int] | None = None
-    _cache: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         topo = self.topology
@@ -88,25 +87,37 @@ class ModelSelector:
             self._ranks = tuple(topo.ranks_of_node(0))
         self._plans = {a: [make_plan(topo.node_of_rank, r, a, rank_order=self.rank_order) for r in self._ranks]
                        for a in self.algorithms}
-        # Fails here, at creation, when the profile lacks a class in use.
-        self.predict_us(0)
+        # The model is linear in the size: each rank's prediction is a line
+        # (us at 0 bytes, us per byte). "auto" evaluates the slowest rank's
+        # with plain arithmetic, which torch.compile traces. This also fails
+        # here, at creation, when the profile lacks a class in use.
+        at_zero, at_mib = self.predict_all(0), self.predict_all(1 << 20)
+        self._lines = {a: sorted({(z, (m - z) / (1 << 20)) for z, m in zip(at_zero[a], at_mib[a], strict=True)})
+                       for a in self.algorithms}
 
-    def predict_us(self, bytes_per_rank: float) -> dict[str, float]:
-        """Per algorithm, the slowest rank's predicted microseconds."""
+    def predict_all(self, bytes_per_rank: float) -> dict[str, list[float]]:
+        """Per algorithm, every considered rank's predicted microseconds."""
         split = not self.topology.emulated
         return {
-            a: max(predict_plan(raw, self.topology.node_of_rank, bytes_per_rank, self.profile,
-                                self.links[r][a], split_by_node=split).time_us
-                   for r, raw in zip(self._ranks, self._plans[a], strict=True))
+            a: [predict_plan(raw, self.topology.node_of_rank, bytes_per_rank, self.profile, self.links[r][a],
+                             split_by_node=split).time_us
+                for r, raw in zip(self._ranks, self._plans[a], strict=True)]
             for a in self.algorithms
         }
 
+    def predict_us(self, bytes_per_rank: float) -> dict[str, float]:
+        """Per algorithm, the slowest rank's predicted microseconds."""
+        return {a: max(times) for a, times in self.predict_all(bytes_per_rank).items()}
+
     def choose(self, bytes_per_peer: int) -> str:
         """The fastest predicted algorithm; ties go to the earlier one."""
-        if bytes_per_peer not in self._cache:
-            times = self.predict_us(bytes_per_peer * self.topology.size)
-            self._cache[bytes_per_peer] = min(self.algorithms, key=lambda a: times[a])
-        return self._cache[bytes_per_peer]
+        size = bytes_per_peer * self.topology.size
+        best, best_us = self.algorithms[0], None
+        for a in self.algorithms:
+            us = max(zero + slope * size for zero, slope in self._lines[a])
+            if best_us is None or us < best_us:
+                best, best_us = a, us
+        return best
 
 
 def phase_links(comm: object, algorithm: str, phases: int) -> tuple[str, ...]:

@@ -120,3 +120,26 @@ def _without_profile() -> tuple[list[str], list[str]]:
 def test_without_a_profile_the_fixed_rule_stays(worlds):
     for picks, rule in worlds.run(4, _without_profile):
         assert picks == rule and "hierarchical" in picks and "flat" in picks
+
+
+def _compiled_auto(path: str) -> list[str]:
+    def body() -> list[str]:
+        comm = alltoall.Communicator(local_size=2)
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return comm.all_to_all(x * 2, "auto").sin()
+
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        picks = []
+        for rows in (1, 4096):  # both sides of the crossover
+            x = rank_input(dist.get_rank(), rows * comm.size, (), torch.float32)
+            torch.testing.assert_close(compiled(x), f(x))
+            picks.append(comm.resolve("auto", rows * 4))
+        return picks
+
+    return _with_profile(dict.fromkeys(range(4), path), body)
+
+
+def test_auto_with_a_profile_compiles_in_one_graph(worlds, profile_files):
+    results = worlds.run(4, _compiled_auto, profile_files["same"], deadline_s=300)
+    assert all(r == ["hierarchical", "flat"] for r in results), results
