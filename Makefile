@@ -30,7 +30,7 @@ test: $(BUILT)
 # the algorithms. Results go to bench/results/ (git-ignored). bench-mpi runs
 # the same sweep under MPICH's mpiexec, which adds mpi4py's Alltoall.
 BENCH_OUT  := bench/results
-BENCH_SWEEP ?= --local-size 4 --tp 2 -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
+BENCH_SWEEP ?= --local-size 4 --tp 2 --transports auto,c10d -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
 
 bench: $(BUILT)
 	@mkdir -p $(BENCH_OUT)

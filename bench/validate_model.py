@@ -5,8 +5,10 @@ the model's predictions, and gather one table.
     .venv/bin/python bench/validate_model.py --out bench/results/model          # the full run (as root)
     .venv/bin/python bench/validate_model.py --out /tmp/v --quick               # proves it runs: tiny sizes
 
-Settings: one host (8 ranks as 2 emulated nodes of 4), and the emulated
-clusters 2x4 and 4x2 at 1 Gbit/s (bench/emulated_cluster.py, root only).
+Settings: one host (8 ranks as 2 emulated nodes of 4) with both transports
+(shared memory and gloo's TCP, side by side), and the emulated clusters 2x4
+and 4x2 at 1 Gbit/s (bench/emulated_cluster.py, root only; shared memory
+inside each host, TCP between hosts).
 Each writes SETTING.profile.json (the calibrated profile), SETTING.json and
 SETTING.txt (the bench run); the summary goes to model-validation.md:
 predicted and measured time per algorithm and size, the error, and auto's
@@ -33,7 +35,7 @@ QUICK = ["-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "1"]
 ALGORITHMS = ["--algorithms", "flat,hierarchical,auto", "--no-progress"]
 SETTINGS = {
     # name: (launch prefix, extra bench flags)
-    "one-host": ([str(BIN / "alltoall-bench"), "--nprocs", "8"], ["--local-size", "4"]),
+    "one-host": ([str(BIN / "alltoall-bench"), "--nprocs", "8"], ["--local-size", "4", "--transports", "auto,c10d"]),
     "emulated-2x4": ([sys.executable, str(ROOT / "bench" / "emulated_cluster.py"), "--nodes", "2",
                       "--nproc-per-node", "4", "--rate", "1gbit", "--", str(BIN / "alltoall-bench")], []),
     "emulated-4x2": ([sys.executable, str(ROOT / "bench" / "emulated_cluster.py"), "--nodes", "4",
@@ -68,21 +70,27 @@ def summary_lines(runs: dict[str, dict]) -> list[str]:
         model = doc["model"]
         by = {(p["algorithm"], p["size_bytes"]): p for p in model["predictions"]}
         worst_all, pick_all = 0.0, 0.0
-        for size in sorted({p["size_bytes"] for p in model["predictions"]}):
-            cells, worst = [], 0.0
-            for algorithm in ("flat", "hierarchical", "auto"):
-                p = by.get((algorithm, size))
-                if p is None or p["measured_us"] is None:
-                    cells.append("-")
-                    continue
-                err = p["predicted_us"] / p["measured_us"] - 1
-                worst = max(worst, abs(err))
-                cells.append(f"{p['predicted_us']:.0f} / {p['measured_us']:.0f} ({err:+.0%})")
-            chose = model["auto_choice"][str(size)]
-            best = min(by[(a, size)]["measured_us"] for a in ("flat", "hierarchical") if (a, size) in by)
-            pick = by[(chose, size)]["measured_us"] / best
-            worst_all, pick_all = max(worst_all, worst), max(pick_all, pick)
-            lines.append(f"| {name} | {size} | {chose} | " + " | ".join(cells) + f" | {worst:.0%} | {pick:.3f} |")
+        for auto_runner, picks in model["auto_choice"].items():  # "auto", "auto-c10d", ...
+            suffix = auto_runner[len("auto"):]
+            setting = name + (f" ({suffix[1:]})" if suffix else "")
+            for size_text, chose in picks.items():
+                size = int(size_text)
+                cells, worst = [], 0.0
+                for algorithm in ("flat", "hierarchical", "auto"):
+                    p = by.get((algorithm + suffix, size))
+                    if p is None or p["measured_us"] is None:
+                        cells.append("-")
+                        continue
+                    err = p["predicted_us"] / p["measured_us"] - 1
+                    worst = max(worst, abs(err))
+                    cells.append(f"{p['predicted_us']:.0f} / {p['measured_us']:.0f} ({err:+.0%})")
+                timed = [by[(a + suffix, size)]["measured_us"] for a in ("flat", "hierarchical")
+                         if (a + suffix, size) in by and by[(a + suffix, size)]["measured_us"]]
+                picked = by.get((chose + suffix, size), {}).get("measured_us")
+                pick = picked / min(timed) if timed and picked else float("nan")
+                worst_all, pick_all = max(worst_all, worst), max(pick_all, pick)
+                lines.append(f"| {setting} | {size} | {chose} | " + " | ".join(cells)
+                             + f" | {worst:.0%} | {pick:.3f} |")
         ok = worst_all <= LIMIT_ERROR and pick_all <= LIMIT_PICK
         verdict.append(f"- {name}: worst |error| {worst_all:.0%} (limit {LIMIT_ERROR:.0%}), worst pick/best "
                        f"{pick_all:.3f} (limit {LIMIT_PICK:.2f}): {'met' if ok else 'NOT met'}")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import alltoall
+import alltoall.transport
 from alltoall.cli import bench_algorithms, bench_model, bench_report, bench_traffic, calibrate
 from alltoall.cli.bench_launch import launched_by_self, self_launch
 from alltoall.cli.bench_run import SweepOptions, sweep
@@ -61,6 +62,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _parse_transports(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in alltoall.transport.TRANSPORTS]
+    if unknown or not names:
+        raise ValueError(f"{text!r}: unknown {unknown or 'empty list'}; choose from "
+                         f"{', '.join(alltoall.transport.TRANSPORTS)}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alltoall-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=_typed(bench_traffic.parse_splits, "splits"), default="uniform",
                    help="uniform, zipf:ALPHA (skewed, MoE-like) or a file of n x n weights; "
                         "uneven splits time the all_to_all_v variants")
+    p.add_argument("--transports", type=_typed(_parse_transports, "transports"), default="auto",
+                   help="comma-separated transports for our algorithms: auto, shm, c10d (default auto); "
+                        "the first keeps the plain names, the others add a suffix (flat-c10d)")
     p.add_argument("--tp", type=_typed(_positive, "tp"), default=1,
                    help="tensor-parallel degree for the coordinated algorithm (default 1)")
     p.add_argument("--local-size", type=_typed(_positive, "local size"), default=None,
@@ -171,10 +184,12 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     if args.calibrate:
         topology = alltoall.Topology.detect(None, local_size=args.local_size)
         return calibrate.run(topology, None)
-    comm = alltoall.Communicator(local_size=args.local_size)
+    # One Communicator per transport, created in the same order everywhere.
+    comms = {t: alltoall.Communicator(local_size=args.local_size, transport=t) for t in args.transports}
+    comm = comms[args.transports[0]]
     launcher = "self" if launched_by_self() else launch.launcher
-    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform)
-    runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
+    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform, comms)
+    runners, skipped, descriptions = bench_algorithms.prepare(args.algorithms, ctx)
     dtype_name, dtype = args.datatype
     element_size = torch.empty((), dtype=dtype).element_size()
     sizes = bench_traffic.size_sweep(args.minbytes, args.maxbytes, args.stepfactor, comm.size, element_size)
@@ -186,14 +201,14 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
         warmup=args.warmup_iters, checks=args.check, seed=args.seed,
         threads=torch.get_num_threads() if device.type == "cpu" else 0,
-        algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
+        algorithms=descriptions, skipped=skipped)
     leader = comm.rank == 0
     if leader:
         print("\n".join(bench_report.header_lines(run)), flush=True)
     opts = SweepOptions(sizes, dtype_name, dtype, args.iters, args.warmup_iters, args.check, args.seed,
                         args.rounds, args.splits)
     run.rows = sweep(ctx, runners, opts, show_progress=not args.no_progress)
-    run.model = bench_model.evaluate(comm, sizes, element_size, args.splits.uniform)
+    run.model = bench_model.evaluate(comms, sizes, element_size, args.splits.uniform)
     if leader:
         _report(run, args)
     return EXIT_WRONG if run.wrong_total else 0

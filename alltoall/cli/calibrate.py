@@ -36,7 +36,6 @@ import torch.distributed as dist
 
 import alltoall
 from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
-from alltoall.ops import selection
 from alltoall.plan import Profile
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
@@ -99,7 +98,7 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
         except (TypeError, ValueError):  # no such transport in this build, or not on this group
             runs.append(None)
             continue
-        link = selection.phase_links(comm, "flat", len(comm.exchanger("flat").plan.phases))[0]
+        link = comm.links("flat")[0]
         runs.append(None if link in seen else GroupRun(scope, transport, link, comm))
         seen.add(link)
     return runs

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.plan import Profile, make_plan
-from alltoall.topology import Topology
-from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
+from alltoall.topology import Topology, detect_hosts
+from alltoall.transport import GroupRef, link_class, make_transport, new_subgroup, resolve_timeout, resolve_transport
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -50,6 +50,11 @@ class Communicator:
             relabelling is folded into the plans' reorders. Default: group
             order. A relabelled Communicator is not used by the module-level
             functions, which must match ``all_to_all_single``.
+        transport: what carries each phase: "auto" (shared memory for a
+            phase whose group runs on one host, c10d otherwise), "shm" (every
+            phase in shared memory; ValueError if a phase's group spans
+            hosts) or "c10d" (the group's torch.distributed backend). Default
+            ``ALLTOALL_TRANSPORT``, else "auto". CUDA tensors always use c10d.
 
     Cost profile: the constructor loads ``ALLTOALL_PROFILE`` (a file or a
     shipped profile's name; "off" for none) or the file ``alltoall-bench
@@ -67,7 +72,9 @@ class Communicator:
         topology: Topology | None = None,
         timeout: timedelta | float | None = None,
         rank_order: list[int] | None = None,
+        transport: str | None = None,
     ) -> None:
+        self.transport = resolve_transport(transport)
         self.group_ref = GroupRef.of(group)
         self.group = self.group_ref.group
         self.size = dist.get_world_size(self.group)
@@ -87,6 +94,10 @@ class Communicator:
             raise ValueError(f"rank_order={list(rank_order)} is not a permutation of the group's {self.size} ranks")
         self.rank_order = None if rank_order is None or list(rank_order) == list(range(self.size)) else list(rank_order)
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
+        # The real host of every rank (never emulated): it decides where
+        # shared memory can carry a phase.
+        self.hosts = detect_hosts(self.group) if self.transport != "c10d" else ("?",) * self.size
+        self._transports = self._create_transports()
         self._exchangers = {"flat": self._exchanger_for("flat")}
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
@@ -119,11 +130,22 @@ class Communicator:
                 groups[role] = new_subgroup(self._global(ranks), self.timeout, f"alltoall_{role}")
         return groups
 
+    def _hosts_of(self, ref: GroupRef) -> list[str]:
+        position = {g: r for r, g in enumerate(self.group_ref.global_ranks)}
+        return [self.hosts[position[g]] for g in ref.global_ranks]
+
+    def _create_transports(self) -> dict[str, _C.Transport]:
+        """One transport per group, in the order the groups were created, on
+        every rank: creating a shared-memory segment is collective over its
+        group."""
+        return {role: make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
+                for role, ref in self._groups.items()}
+
     def _create_selector(self) -> tuple[Profile | None, selection.ModelSelector | None]:
         """Collective: every rank's profile hash must agree (ValueError on
         every rank otherwise); with a profile, "auto" chooses by the model
         among the algorithms that differ here."""
-        links = {name: selection.phase_links(self, name, len(ex.plan.phases)) for name, ex in self._exchangers.items()}
+        links = {name: self.links(name) for name in self._exchangers}
         profile, links_by_rank = selection.agree_on_profile(self.group, self.group_ref.name,
                                                             self.group_ref.global_ranks, links)
         if profile is None:
@@ -135,8 +157,19 @@ class Communicator:
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
-        groups = [self._groups[phase.role].for_cpp() for phase in raw.phases]
-        return _C.Exchanger(raw, groups, self.timeout.total_seconds())
+        return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases])
+
+    def transports(self, algorithm: str) -> tuple[str, ...]:
+        """What carries each phase of ``algorithm`` on this rank: "shm" or
+        "c10d:<backend>" (for "auto", at the size ``resolve`` picks)."""
+        phases = self.exchanger(algorithm).plan.phases
+        return tuple(self._transports[phase.role].kind for phase in phases)
+
+    def links(self, algorithm: str) -> tuple[str, ...]:
+        """The link class of each phase of ``algorithm``: "shm", "tcp",
+        "nvlink" or "net" (see alltoall.transport.link_class)."""
+        phases = self.exchanger(algorithm).plan.phases
+        return tuple(link_class(self._transports[p.role], self._hosts_of(self._groups[p.role])) for p in phases)
 
     # Algorithms -------------------------------------------------------------
 
@@ -176,8 +209,11 @@ class Communicator:
         comm.rank = dist.get_rank(comm.group)
         comm.timeout = resolve_timeout(None)
         comm.rank_order = None
+        comm.transport = "c10d"
         comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
         comm._groups = {"world": comm.group_ref}
+        comm.hosts = ("?",) * comm.size
+        comm._transports = comm._create_transports()
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
         comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
         comm.profile, comm._selector = None, None

@@ -12,9 +12,9 @@ from alltoall._library import _C
 from alltoall.ops import validation
 from alltoall.ops.communicator import Communicator
 from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks, TensorGroup
-from alltoall.topology import Topology
+from alltoall.topology import Topology, detect_hosts
 from alltoall.topology.layout import KINDS, RankLayout
-from alltoall.transport import GroupRef, new_subgroup, resolve_timeout
+from alltoall.transport import GroupRef, make_transport, new_subgroup, resolve_timeout
 
 
 class ParallelGroups:
@@ -42,6 +42,8 @@ class ParallelGroups:
         num_experts: when given, ep must divide it.
         tp_inside_node: raise instead of letting a TP group span nodes.
         timeout: bound on every blocking wait (see Communicator).
+        transport: "auto", "shm" or "c10d", for the EP exchange's phases and
+            the TP all-gather alike (see Communicator).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ParallelGroups:
         num_experts: int | None = None,
         tp_inside_node: bool = True,
         timeout: timedelta | float | None = None,
+        transport: str | None = None,
     ) -> None:
         if topology is not None and local_size is not None:
             raise ValueError(f"pass topology or local_size, not both (local_size={local_size})")
@@ -92,9 +95,12 @@ class ParallelGroups:
         ep_order = [0] * self.ep
         for position, r in enumerate(ep_members):
             ep_order[self.layout.coordinates(r)["ep"]] = position
-        self.ep_comm = Communicator(self.ep_group, topology=ep_topology, timeout=self.timeout, rank_order=ep_order)
+        self.ep_comm = Communicator(self.ep_group, topology=ep_topology, timeout=self.timeout, rank_order=ep_order,
+                                    transport=transport)
         tp_ref = self._refs["tp"]
-        gather = _C.GroupGather(tp_ref.name, list(tp_ref.global_ranks), "tensor parallel", self.timeout.total_seconds())
+        tp_hosts = detect_hosts(tp_ref.group) if self.ep_comm.transport != "c10d" else ("?",) * self.tp
+        self.tp_transport = make_transport(tp_ref, tp_hosts, self.ep_comm.transport, self.timeout)
+        gather = _C.GroupGather(self.tp_transport, "tensor parallel")
         t_of_member = tuple(self.layout.coordinates(r)["tp"] for r in tp_ref.global_ranks)
         self._tp = TensorGroup(gather, self.tp_rank, t_of_member)
 

@@ -120,13 +120,6 @@ class ModelSelector:
         return best
 
 
-def phase_links(comm: object, algorithm: str, phases: int) -> tuple[str, ...]:
-    """Each phase's link class: ``comm.links(algorithm)`` (issue 10's
-    transports). Until the Communicator has it, every phase is "tcp"."""
-    links = getattr(comm, "links", None)
-    return tuple(links(algorithm)) if links is not None else ("tcp",) * phases
-
-
 def _describe(entry: tuple) -> str:
     kind, value, name = entry
     if kind == "none":

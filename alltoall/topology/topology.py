@@ -8,15 +8,15 @@ one host by cutting the group into blocks of ``local_size`` consecutive ranks.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch.distributed as dist
 
+from alltoall.topology.hosts import host_identity, host_name
+
 LOCAL_SIZE_ENV = "ALLTOALL_LOCAL_SIZE"
-HOSTNAME_ENV = "ALLTOALL_HOSTNAME"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Topology:
         if local_size is not None:
             return cls.emulate(size, local_size, rank)
         names: list[object] = [None] * size
-        dist.all_gather_object(names, os.environ.get(HOSTNAME_ENV) or socket.gethostname(), group=group)
+        dist.all_gather_object(names, host_name(host_identity()), group=group)
         return cls.from_node_ids(names, rank)
 
     # Queries ----------------------------------------------------------------

@@ -1,6 +1,29 @@
 """Layer 3: transports. The C++ side (csrc/transport/) moves bytes over a
-c10d ProcessGroup; this side names groups and creates subgroups."""
+c10d ProcessGroup or over shared memory between the processes of one host;
+this side names groups, creates subgroups and chooses a transport per group."""
 
+from alltoall.transport.choice import (
+    LINK_CLASSES,
+    TRANSPORT_ENV,
+    TRANSPORTS,
+    link_class,
+    make_transport,
+    resolve_transport,
+)
 from alltoall.transport.process_group import DEFAULT_TIMEOUT, TIMEOUT_ENV, GroupRef, new_subgroup, resolve_timeout
+from alltoall.transport.shm import ShmOptions
 
-__all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "GroupRef", "new_subgroup", "resolve_timeout"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LINK_CLASSES",
+    "TIMEOUT_ENV",
+    "TRANSPORTS",
+    "TRANSPORT_ENV",
+    "GroupRef",
+    "ShmOptions",
+    "link_class",
+    "make_transport",
+    "new_subgroup",
+    "resolve_timeout",
+    "resolve_transport",
+]

@@ -7,6 +7,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "alltoall C++ extension: exchange plans, the plan executor, layout kernels";
   alltoall::bindings::register_plan(m);
+  alltoall::bindings::register_transport(m);
   alltoall::bindings::register_exchanger(m);
   alltoall::bindings::register_build_info(m);
 }

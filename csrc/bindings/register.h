@@ -5,6 +5,7 @@
 namespace alltoall::bindings {
 
 void register_plan(pybind11::module_& m);
+void register_transport(pybind11::module_& m);
 void register_exchanger(pybind11::module_& m);
 void register_build_info(pybind11::module_& m);
 

@@ -22,6 +22,7 @@ class C10dTransport final : public Transport {
 
   int size() const override { return group_->getSize(); }
   int rank() const override { return group_->getRank(); }
+  std::string kind() const override { return "c10d:" + group_->getBackendName(); }
 
   void all_to_all(at::Tensor& output, at::Tensor& input, const std::vector<int64_t>& output_splits,
                   const std::vector<int64_t>& input_splits, const std::string& what) override {

@@ -1,6 +1,7 @@
 // A transport moves rows of dim 0 between the members of one group. The
 // executor only sees this interface; c10d_transport.h implements it over a
-// torch.distributed ProcessGroup (gloo, NCCL, MPI, ...).
+// torch.distributed ProcessGroup (gloo, NCCL, MPI, ...) and shm_transport.h over
+// shared memory between processes of one host.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,8 @@ class Transport {
 
   virtual int size() const = 0;
   virtual int rank() const = 0;
+  // "shm", or "c10d:<backend>" (e.g. "c10d:gloo"): what carries the bytes.
+  virtual std::string kind() const = 0;
 
   // Rows of `input` go to peers in order, input_splits[j] rows to peer j;
   // output_splits[j] rows arrive from peer j. Empty splits mean equal

@@ -18,13 +18,15 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     cal = run_cli(bench("--nprocs", "4", "--local-size", "2", "--calibrate", "--profile", str(path)))
     assert cal.returncode == 0, f"{cal.stdout}\n{cal.stderr}"
     profile = profiles.load(path)
-    assert set(profile.links) == {"tcp"} and profile.intra_node == profile.inter_node == "tcp"
+    # One host: the default transport is shared memory, c10d over gloo is "tcp".
+    assert set(profile.links) == {"shm", "tcp"} and profile.intra_node == profile.inter_node == "shm"
+    assert profile.links["shm"].gbps > 0
     assert profile.links["tcp"].gbps > 0 and profile.copy.gbps > 0 and profile.phase_us >= 0
     assert f"hash {profile.hash}" in cal.stdout and f"wrote profile: {path}" in cal.stdout
-    fitted = [line for line in cal.stdout.splitlines() if line.startswith("# tcp ") or line.startswith("# copy ")]
-    # Fit lines for tcp and copy; 7 sizes on the node and rail groups (pairs
-    # already, so no pair scope) and of copies.
-    assert len(fitted) == 2 + 2 * 7 + 7, cal.stdout
+    fitted = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["shm"], ["tcp"], ["copy"])]
+    # Fit lines for shm, tcp and copy; 7 sizes on the node and rail groups
+    # (pairs already, so no pair scope) over both transports, and of copies.
+    assert len(fitted) == 3 + 2 * 2 * 7 + 7, cal.stdout
     assert profile.fit is not None and 0 <= profile.fit["tcp"]["max_relative_error"]
 
     out = tmp_path / "run.json"
@@ -36,7 +38,7 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     document = json.loads(out.read_text())
     validate(document)
     model = document["model"]
-    assert set(model["auto_choice"]) == {"1024", "4096"}
+    assert set(model["auto_choice"]) == {"auto"} and set(model["auto_choice"]["auto"]) == {"1024", "4096"}
     assert {(p["algorithm"], p["size_bytes"]) for p in model["predictions"]} == {
         (a, s) for a in ("flat", "hierarchical", "auto") for s in (1024, 4096)}
     assert all(p["predicted_us"] > 0 and p["measured_us"] > 0 for p in model["predictions"])
@@ -46,7 +48,7 @@ def test_bench_without_a_profile_lists_autos_fixed_choice(tmp_path):
     run = run_cli(bench("--nprocs", "2", *TINY, "--algorithms", "flat", "--profile", "off"))
     assert run.returncode == 0, run.stderr
     assert "# auto (no cost profile: the fixed rule of alltoall/ops/selection.py) chose:" in run.stdout
-    assert "#       1024  flat" in run.stdout
+    assert "#       1024            flat" in run.stdout
     assert "alltoall 0.1.0\n" in run.stdout and " on " not in run.stdout.splitlines()[4]  # no path, no host
 
 

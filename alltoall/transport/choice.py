@@ -1,0 +1,81 @@
+"""Which transport carries a group's bytes, by link class.
+
+- ``"shm"``: the shared-memory transport; every member must run on one host.
+- ``"c10d"``: the group's torch.distributed backend (gloo's TCP, NCCL, MPI).
+- ``"auto"`` (default; ``ALLTOALL_TRANSPORT`` overrides): shared memory when
+  every member runs on one host (the real host, never an emulated node) and
+  the group's backend handles host tensors; c10d otherwise. CUDA tensors
+  always go through c10d (NCCL), whatever the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from alltoall._library import _C
+from alltoall.plan.profile import LINK_CLASSES as PROFILE_LINK_CLASSES
+from alltoall.topology import host_name
+from alltoall.transport.process_group import GroupRef
+from alltoall.transport.shm import create_shm_transport
+
+TRANSPORTS = ("auto", "shm", "c10d")
+TRANSPORT_ENV = "ALLTOALL_TRANSPORT"
+
+# Link classes, by what carries the bytes: defined with the cost model's
+# profiles (alltoall.plan.profile), which are keyed by them.
+LINK_CLASSES = PROFILE_LINK_CLASSES
+
+
+def resolve_transport(requested: str | None) -> str:
+    """The request, or ``ALLTOALL_TRANSPORT``, or "auto"; ValueError if unknown."""
+    source = "transport"
+    if requested is None:
+        requested = os.environ.get(TRANSPORT_ENV) or "auto"
+        source = TRANSPORT_ENV
+    if requested not in TRANSPORTS:
+        raise ValueError(f"{source}={requested!r} is not one of {', '.join(TRANSPORTS)}")
+    return requested
+
+
+def _handles_host_tensors(group: dist.ProcessGroup) -> bool:
+    backend = str(dist.get_backend(group)).lower()
+    return backend != "nccl"
+
+
+def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeout: timedelta) -> _C.Transport:
+    """The transport of one group. ``hosts`` is every member's host identity
+    (group order), ``requested`` a resolved choice. Collective over the group
+    when it creates a shared-memory segment."""
+    c10d = _C.c10d_transport(group.name, list(group.global_ranks), timeout.total_seconds())
+    if requested == "c10d" or len(group.global_ranks) == 1:
+        return c10d
+    on_one_host = len(set(hosts)) == 1
+    if requested == "shm":
+        if not on_one_host:
+            spread = sorted({host_name(h) for h in hosts})
+            raise ValueError(
+                f"transport='shm' needs every member of group '{group.name}' (global ranks "
+                f"{list(group.global_ranks)}) on one host, but they run on {', '.join(spread)}"
+            )
+        return create_shm_transport(group, host_name(hosts[0]), timeout, c10d)
+    if on_one_host and _handles_host_tensors(group.group):
+        return create_shm_transport(group, host_name(hosts[0]), timeout, c10d)
+    return c10d
+
+
+def link_class(transport: _C.Transport, hosts: Sequence[str]) -> str:
+    """The link class of a transport: "shm", "tcp" (gloo), "nvlink" (NCCL on
+    one host) or "net" (NCCL across hosts); another backend's own name."""
+    kind = transport.kind
+    if kind == "shm":
+        return "shm"
+    backend = kind.removeprefix("c10d:")
+    if backend == "gloo":
+        return "tcp"
+    if backend == "nccl":
+        return "nvlink" if len(set(hosts)) == 1 else "net"
+    return backend

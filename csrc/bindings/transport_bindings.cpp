@@ -1,0 +1,115 @@
+// Transports as Python objects: alltoall.transport builds one per group and
+// hands them to the executor (Exchanger) and the TP all-gather (GroupGather).
+#include <torch/python.h>
+
+#include <chrono>
+#include <memory>
+
+#include "bindings/register.h"
+#include "bindings/timeout.h"
+#include "transport/c10d_transport.h"
+#include "transport/shm_error.h"
+#include "transport/shm_segment.h"
+#include "transport/shm_transport.h"
+
+namespace py = pybind11;
+
+namespace alltoall::bindings {
+
+namespace {
+
+using transport::Transport;
+
+std::shared_ptr<Transport> make_shm(const std::string& name, const std::string& token, std::vector<int> global_ranks,
+                                    int rank, double timeout_seconds, size_t ring_bytes, size_t single_copy_bytes,
+                                    int spins, int yields, const std::string& group_name, const std::string& host,
+                                    std::shared_ptr<Transport> fallback) {
+  transport::ShmTransportSpec spec;
+  spec.segment.name = name;
+  spec.segment.token = token;
+  spec.segment.global_ranks = std::move(global_ranks);
+  spec.segment.rank = rank;
+  spec.segment.timeout = to_timeout(timeout_seconds);
+  spec.protocol.ring_bytes = ring_bytes;
+  spec.protocol.single_copy_bytes = single_copy_bytes;
+  spec.protocol.wait.spins = spins;
+  spec.protocol.wait.yields = yields;
+  spec.group_name = group_name;
+  spec.host = host;
+  spec.fallback = std::move(fallback);
+  return transport::make_shm_transport(std::move(spec));
+}
+
+transport::SegmentSpec segment_spec(const std::string& name, const std::string& token, std::vector<int> ranks,
+                                    int rank, size_t bytes, double timeout_seconds) {
+  transport::SegmentSpec spec;
+  spec.name = name;
+  spec.token = token;
+  spec.global_ranks = std::move(ranks);
+  spec.rank = rank;
+  spec.bytes = bytes;
+  spec.timeout = to_timeout(timeout_seconds);
+  return spec;
+}
+
+}  // namespace
+
+void register_transport(py::module_& m) {
+  py::class_<Transport, std::shared_ptr<Transport>>(m, "Transport", "Moves rows of dim 0 between a group's members.")
+      .def_property_readonly("size", &Transport::size)
+      .def_property_readonly("rank", &Transport::rank)
+      .def_property_readonly("kind", &Transport::kind)
+      .def("describe", &Transport::describe)
+      .def(
+          "all_to_all",
+          [](Transport& t, at::Tensor output, at::Tensor input, const std::vector<int64_t>& output_splits,
+             const std::vector<int64_t>& input_splits, const std::string& what) {
+            t.all_to_all(output, input, output_splits, input_splits, what);
+          },
+          py::arg("output"), py::arg("input"), py::arg("output_splits") = std::vector<int64_t>{},
+          py::arg("input_splits") = std::vector<int64_t>{}, py::arg("what") = "all_to_all",
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "all_gather",
+          [](Transport& t, at::Tensor output, at::Tensor input, const std::string& what) {
+            t.all_gather(output, input, what);
+          },
+          py::arg("output"), py::arg("input"), py::arg("what") = "all_gather", py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "c10d_transport",
+      [](const std::string& name, std::vector<int> ranks, double timeout_seconds) {
+        return transport::make_c10d_transport(name, std::move(ranks), to_timeout(timeout_seconds));
+      },
+      py::arg("group_name"), py::arg("global_ranks"), py::arg("timeout_seconds"),
+      "A transport over the c10d ProcessGroup registered as group_name.");
+
+  m.def("shm_transport", &make_shm, py::arg("segment_name"), py::arg("token"), py::arg("global_ranks"),
+        py::arg("rank"), py::arg("timeout_seconds"), py::arg("ring_bytes"), py::arg("single_copy_bytes"),
+        py::arg("spins"), py::arg("yields"), py::arg("group_name"), py::arg("host"), py::arg("fallback") = nullptr,
+        py::call_guard<py::gil_scoped_release>(),
+        "A shared-memory transport; collective over the members (rank 0 creates the segment).");
+
+  // The segment alone, for tests of its rendezvous and permissions.
+  py::class_<transport::ShmSegment>(m, "ShmSegment", "A mapped shared-memory segment (tests).")
+      .def_static(
+          "create",
+          [](const std::string& name, const std::string& token, std::vector<int> ranks, int rank, size_t bytes,
+             double timeout) { return transport::ShmSegment::create(segment_spec(name, token, ranks, rank, bytes, timeout)); },
+          py::arg("name"), py::arg("token"), py::arg("global_ranks"), py::arg("rank"), py::arg("bytes"),
+          py::arg("timeout_seconds"))
+      .def_static(
+          "attach",
+          [](const std::string& name, const std::string& token, std::vector<int> ranks, int rank, size_t bytes,
+             double timeout) { return transport::ShmSegment::attach(segment_spec(name, token, ranks, rank, bytes, timeout)); },
+          py::arg("name"), py::arg("token"), py::arg("global_ranks"), py::arg("rank"), py::arg("bytes"),
+          py::arg("timeout_seconds"))
+      .def_property_readonly("mode", &transport::ShmSegment::mode)
+      .def_property_readonly("name", &transport::ShmSegment::name)
+      .def("alive", &transport::ShmSegment::alive, py::arg("rank"))
+      .def("unlink", &transport::ShmSegment::unlink);
+
+  py::register_exception<transport::ShmError>(m, "ShmError", PyExc_RuntimeError);
+}
+
+}  // namespace alltoall::bindings

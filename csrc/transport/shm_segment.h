@@ -1,0 +1,82 @@
+// A POSIX shared-memory segment shared by the members of one group on one
+// host: creation, attachment with a job token, liveness of the members.
+// Plain POSIX, no torch: the protocol on top of it (shm_protocol.h) decides
+// what the bytes mean.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace alltoall::transport {
+
+struct SegmentSpec {
+  std::string name;              // "/alltoall-<random>", agreed through the group
+  std::string token;             // the job token; a process without it cannot attach
+  std::vector<int> global_ranks;  // the group's members, in group order
+  int rank = 0;                  // this process's rank in the group
+  size_t bytes = 0;              // payload bytes after the header
+  std::chrono::milliseconds timeout{600000};
+};
+
+// The mapping of a segment. Member `rank` holds a POSIX record lock on byte
+// `rank` of the file for as long as it lives: the kernel drops it when the
+// process dies (before it is reaped), which is how a survivor tells a dead
+// peer from a slow one.
+class ShmSegment {
+ public:
+  // The creator makes the file (mode 0600, O_EXCL), sizes and initialises
+  // it. The others wait (bounded) for it to appear and be initialised, then
+  // check the token and their membership.
+  static ShmSegment create(const SegmentSpec& spec);
+  static ShmSegment attach(const SegmentSpec& spec);
+
+  ShmSegment(ShmSegment&& other) noexcept;
+  ShmSegment& operator=(ShmSegment&&) = delete;
+  ShmSegment(const ShmSegment&) = delete;
+  ~ShmSegment();
+
+  // Removes the name: the mapping stays, nothing is left in /dev/shm.
+  // Safe to call by every member; a missing name is not an error.
+  void unlink() const;
+  static void unlink_name(const std::string& name);
+
+  // Counts arrivals in the header and waits until all members arrived
+  // `round` times (bounded; raises naming the missing members).
+  void barrier(int round, const std::string& what) const;
+
+  // True while member `rank` holds its lock (it is alive).
+  bool alive(int rank) const;
+  // The members that hold no lock, for error messages.
+  std::vector<int> dead_members() const;
+
+  uint8_t* payload() const { return base_ + header_bytes_; }
+  size_t payload_bytes() const { return payload_bytes_; }
+  int rank() const { return rank_; }
+  int size() const { return static_cast<int>(global_ranks_.size()); }
+  const std::vector<int>& global_ranks() const { return global_ranks_; }
+  const std::string& name() const { return name_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  // The file's mode bits, for tests (0600).
+  unsigned mode() const;
+  // The pid recorded by member `rank` at attach time.
+  int32_t pid_of(int rank) const;
+
+ private:
+  ShmSegment(const SegmentSpec& spec, int fd, uint8_t* base, size_t mapped, size_t header_bytes);
+  void lock_own_byte() const;
+
+  std::string name_;
+  int fd_ = -1;
+  uint8_t* base_ = nullptr;
+  size_t mapped_ = 0;
+  size_t header_bytes_ = 0;
+  size_t payload_bytes_ = 0;
+  int rank_ = 0;
+  std::vector<int> global_ranks_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace alltoall::transport
