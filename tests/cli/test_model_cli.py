@@ -34,7 +34,7 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
                         "--profile", str(path), "--json", str(out)))
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
     assert f"# Model: profile calibrated (hash {profile.hash})" in run.stdout
-    assert "# Worst |error|" in run.stdout
+    assert "# Worst |err|" in run.stdout
     document = json.loads(out.read_text())
     validate(document)
     model = document["model"]
