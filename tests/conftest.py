@@ -34,6 +34,10 @@ SHM_DIR = "/dev/shm"
 SESSION_PREFIX = f"alltoall-test{os.getpid()}-"
 os.environ["ALLTOALL_SHM_PREFIX"] = SESSION_PREFIX
 
+# A profile calibrated on this machine (~/.cache/alltoall/profile.json) would
+# change what "auto" picks in every test; tests that want one pass it.
+os.environ["ALLTOALL_PROFILE"] = "off"
+
 
 @pytest.fixture(scope="session")
 def world_pools():

@@ -230,6 +230,11 @@ def _phases_of(algorithm: str) -> Callable[[BenchContext], str]:
     return phases
 
 
+def _auto_phases(ctx: BenchContext) -> str:
+    return "; ".join(f"{a} phases over " + ", ".join(ctx.comm.transports(a)) for a in ("flat", "hierarchical")
+                     if a == "flat" or ctx.comm.topology.uniform)
+
+
 def _coordinated_phases(ctx: BenchContext) -> str:
     kinds = ", ".join(ctx.comm.transports("auto"))
     return f"EP phases over {kinds}, TP all-gather like the EP phases"
@@ -247,6 +252,8 @@ REGISTRY: dict[str, Algorithm] = {
         Algorithm("hierarchical", 'Communicator.all_to_all / all_to_all_v, algorithm="hierarchical"',
                   _hierarchical_unavailable, _communicator_exchange("hierarchical"), per_transport=True,
                   transports=_phases_of("hierarchical")),
+        Algorithm("auto", 'Communicator.all_to_all / all_to_all_v, algorithm="auto" (its picks follow the tables)',
+                  _always, _communicator_exchange("auto"), per_transport=True, transports=_auto_phases),
         Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
                   _coordinated_unavailable, _coordinated_build, _coordinated_workload, per_transport=True,
                   transports=_coordinated_phases),
@@ -258,15 +265,20 @@ REGISTRY: dict[str, Algorithm] = {
 }
 
 
+# "auto" runs one of the others; "all" leaves it out (its picks are listed anyway).
+NOT_IN_ALL = ("auto",)
+
+
 def base_name(runner: str) -> str:
     """The registry name of a runner: "flat-c10d" -> "flat"."""
     return runner.split("-", 1)[0]
 
 
 def parse_algorithms(text: str) -> list[str]:
-    """Names from a comma-separated list, or 'all', in the order given."""
+    """Names from a comma-separated list, or 'all' (every one but "auto"), in
+    the order given."""
     if text == "all":
-        return list(REGISTRY)
+        return [name for name in REGISTRY if name not in NOT_IN_ALL]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:

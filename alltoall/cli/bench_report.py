@@ -11,6 +11,8 @@ import csv
 import json
 from dataclasses import dataclass, field
 
+from alltoall.cli.bench_model import ModelSection
+from alltoall.cli.bench_model import lines as model_lines
 from alltoall.cli.bench_run import Measurement
 
 SCHEMA_ID = "alltoall-bench/1"
@@ -46,6 +48,7 @@ class BenchRun:
     algorithms: dict[str, str]  # name -> description, for those that ran
     skipped: dict[str, str]  # name -> reason
     rows: list[Measurement] = field(default_factory=list)
+    model: ModelSection | None = None
 
     def rows_of(self, algorithm: str) -> list[Measurement]:
         return [r for r in self.rows if r.algorithm == algorithm]
@@ -143,6 +146,8 @@ def report_text(run: BenchRun) -> str:
     for name in run.algorithms:
         lines += table_lines(run, name)
     lines += summary_lines(run)
+    if run.model is not None:
+        lines += model_lines(run.model, run.rows)
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +187,7 @@ def to_json(run: BenchRun) -> dict:
             for name, reason in run.skipped.items()
         ],
         "wrong_total": run.wrong_total if any(r.wrong is not None for r in run.rows) else None,
+        **({"model": run.model.to_json(run.rows)} if run.model is not None else {}),
     }
 
 

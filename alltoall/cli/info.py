@@ -15,9 +15,12 @@ from alltoall._library import _C
 from alltoall.launch import detect_launcher, init_distributed
 
 
-def build_lines() -> list[str]:
+def build_lines(machine: bool = True) -> list[str]:
+    """The package, its build, torch, python. ``machine=False`` leaves out
+    where it is installed and the host name (for reports that get shared)."""
     info = _C.build_info()
-    lines = [f"alltoall {alltoall.__version__} ({os.path.dirname(alltoall.__file__)})"]
+    where = f" ({os.path.dirname(alltoall.__file__)})" if machine else ""
+    lines = [f"alltoall {alltoall.__version__}{where}"]
     if info["cuda"]:
         runtime = info.get("nccl_runtime")
         nccl = ".".join(map(str, info["nccl_headers"]))
@@ -28,7 +31,8 @@ def build_lines() -> list[str]:
                                       ("mpi", dist.is_mpi_available())) if ok]
     lines.append(f"torch {torch.__version__}: CUDA {torch.version.cuda or 'none'}, "
                  f"{torch.cuda.device_count()} GPU(s) visible, backends {', '.join(backends) or 'none'}")
-    lines.append(f"python {platform.python_version()} on {platform.node()} ({platform.machine()})")
+    host = f" on {platform.node()}" if machine else ""
+    lines.append(f"python {platform.python_version()}{host} ({platform.machine()})")
     return lines
 
 

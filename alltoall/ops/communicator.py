@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
-from alltoall.plan import make_plan
+from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
 from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
 
@@ -55,6 +55,13 @@ class Communicator:
             phase in shared memory; ValueError if a phase's group spans
             hosts) or "c10d" (the group's torch.distributed backend). Default
             ``ALLTOALL_TRANSPORT``, else "auto". CUDA tensors always use c10d.
+
+    Cost profile: the constructor loads ``ALLTOALL_PROFILE`` (a file or a
+    shipped profile's name; "off" for none) or the file ``alltoall-bench
+    --calibrate`` writes, and checks that every rank loaded the same one
+    (ValueError on every rank otherwise). With one, ``algorithm="auto"``
+    takes the algorithm with the lowest predicted time for each call's size
+    (``predict``); without, the fixed rule of ``alltoall.ops.selection``.
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class Communicator:
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
         self._keys = {name: traceable.register(ex) for name, ex in self._exchangers.items()}
+        self.profile, self._selector = self._create_selector()
         if self.rank_order is None:
             _by_group[self.group_ref.name] = weakref.ref(self)
 
@@ -138,6 +146,20 @@ class Communicator:
         return {role: make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
                 for role, ref in self._groups.items()}
 
+    def _create_selector(self) -> tuple[Profile | None, selection.ModelSelector | None]:
+        """Collective: every rank's profile hash must agree (ValueError on
+        every rank otherwise); with a profile, "auto" chooses by the model
+        among the algorithms that differ here."""
+        links = {name: self.links(name) for name in self._exchangers}
+        profile, links_by_rank = selection.agree_on_profile(self.group, self.group_ref.name,
+                                                            self.group_ref.global_ranks, links)
+        if profile is None:
+            return None, None
+        candidates = tuple(name for name, ex in self._exchangers.items()
+                           if name == "flat" or len(ex.plan.phases) > 1)
+        selector = selection.ModelSelector(profile, self.topology, links_by_rank, candidates, self.rank_order)
+        return profile, selector
+
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
         return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases])
@@ -161,8 +183,20 @@ class Communicator:
         cannot run on this topology."""
         validation.check_algorithm(algorithm, self.topology)
         if algorithm == "auto":
+            if self._selector is not None and bytes_per_peer is not None:
+                return self._selector.choose(bytes_per_peer)
             return selection.choose(self.topology, bytes_per_peer)
         return algorithm
+
+    def predict(self, bytes_per_rank: float) -> dict[str, float]:
+        """Predicted microseconds of an equal-split exchange of
+        ``bytes_per_rank`` bytes, for every algorithm "auto" picks among
+        here: the slowest rank's, under ``self.profile`` (alltoall.plan.model).
+        Raises ValueError when no profile was loaded."""
+        if self._selector is None:
+            raise ValueError(f"no cost profile on group '{self.group_ref.name}': set ALLTOALL_PROFILE or run "
+                             "alltoall-bench --calibrate")
+        return self._selector.predict_us(bytes_per_rank)
 
     def exchanger(self, algorithm: str) -> _C.Exchanger:
         """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
@@ -187,6 +221,7 @@ class Communicator:
         comm._transports = comm._create_transports()
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
         comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
+        comm.profile, comm._selector = None, None
         return comm
 
     # Collectives ------------------------------------------------------------

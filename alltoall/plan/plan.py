@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from alltoall._library import _C
+from alltoall.plan.model import Prediction, predict_plan
+from alltoall.plan.profile import Profile
 
 ALGORITHMS = ("flat", "hierarchical", "coordinated")
 PLAN_TRANSPORTS = ("auto", "shm", "c10d")
@@ -53,6 +55,19 @@ class PlanSummary:
     def messages(self) -> int:
         """Messages per rank, both link classes."""
         return self.intra_node.messages + self.inter_node.messages
+
+    @property
+    def node_of_rank(self) -> tuple[int, ...]:
+        return tuple(r // self.ranks_per_node for r in range(self.world_size))
+
+    def predict(self, bytes_per_rank: float, profile: Profile, links: Sequence[str] | None = None) -> Prediction:
+        """Predicted time of this rank's exchange of ``bytes_per_rank`` bytes
+        on the system ``profile`` describes (see alltoall.plan.model).
+
+        ``links``: each phase's link class; default from the profile (its
+        intra-node class for phases inside a node, else its inter-node class).
+        """
+        return predict_plan(self.raw, self.node_of_rank, bytes_per_rank, profile, links)
 
 
 def make_plan(
