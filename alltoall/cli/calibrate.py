@@ -39,7 +39,7 @@ from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
 from alltoall.plan import Profile
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
-from alltoall.transport import new_subgroup, resolve_timeout
+from alltoall.transport import GroupRef, new_subgroups, resolve_timeout
 
 SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
 # Transports tried on every group, in order; "default" is what "auto" runs on.
@@ -87,7 +87,10 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
     exist or cannot run here, or it gives a link class already covered."""
     if members is None:
         return [None] * len(TRANSPORTS)
-    ref = new_subgroup(list(members), timeout, f"alltoall_calibrate_{scope.replace(' ', '_')}")
+    # Only this rank's own group: calibration runs on host backends, where
+    # groups are created with local synchronisation (new_subgroups).
+    ref = new_subgroups(GroupRef.of(None), [list(members)], timeout, f"alltoall_calibrate_{scope.replace(' ', '_')}")
+    assert ref is not None
     topo = Topology.emulate(len(members), len(members), members.index(rank))
     runs: list[GroupRun | None] = []
     seen: set[str] = set()
