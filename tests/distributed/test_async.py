@@ -204,6 +204,8 @@ def _doomed_rank(rank: int, world: int, store: str, transport: str, results: mp.
         results.put((rank, None, time.monotonic() - start))
     except RuntimeError as error:
         results.put((rank, str(error), time.monotonic() - start))
+    results.close()
+    results.join_thread()  # the queue's feeder thread must flush before _exit
     os._exit(0)  # the group cannot be torn down cleanly with a dead member
 
 
