@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib.util
 import json
 import os
@@ -144,8 +145,15 @@ def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: tor
 
 def _deepspeed(expert: torch.nn.Module, gate_weight: torch.Tensor, world: int) -> Variant:
     import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (``deepspeed.comm.torch`` as an attribute is the torch module)
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
+    deepspeed_torch_comm = sys.modules["deepspeed.comm.torch"]
+    # On CPUs DeepSpeed's comm wrapper JIT-compiles a shared-memory
+    # all-reduce op at init (minutes, behind a lock in ~/.cache shared by
+    # every job). The MoE layer does not use it: its all-to-all is
+    # torch.distributed's all_to_all_single either way. So skip the build.
+    deepspeed_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     layer = DeepSpeedMoE(hidden_size=expert.fc1.in_features, expert=expert, num_experts=NUM_EXPERTS, ep_size=world,
                          k=K, capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
@@ -262,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--watchdog", type=float, default=3600.0,
+                   help="print every thread's stack and exit if a rank runs longer than this many seconds")
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--table", help="write the table here too (rank 0)")
     return p.parse_args(argv)
@@ -269,6 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
