@@ -145,7 +145,7 @@ def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: tor
 
 def _deepspeed(expert: torch.nn.Module, gate_weight: torch.Tensor, world: int) -> Variant:
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (``deepspeed.comm.torch`` as an attribute is the torch module)
+    import deepspeed.comm.torch  # ``deepspeed.comm.torch`` as an attribute is the torch module
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     deepspeed_torch_comm = sys.modules["deepspeed.comm.torch"]

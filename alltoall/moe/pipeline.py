@@ -96,11 +96,11 @@ class ChunkRoute:
 
     @property
     def per_expert(self) -> list[int]:
-        return [sum(row[l] for row in self.arrived) for l in range(len(self.arrived[0]))]
+        return [sum(row[e] for row in self.arrived) for e in range(len(self.arrived[0]))]
 
     @property
     def by_expert(self) -> Counts:
-        return [[row[l] for row in self.arrived] for l in range(len(self.arrived[0]))]
+        return [[row[e] for row in self.arrived] for e in range(len(self.arrived[0]))]
 
 
 class Pipeline:

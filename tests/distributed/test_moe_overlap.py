@@ -68,7 +68,7 @@ def _expert_parallel(local_size: int) -> int:
         tokens_of = [6] * world if drop else [2 + 3 * r for r in range(world - 1)] + [0]
         rank = dist.get_rank()
 
-        def make(degree: int) -> MoE:
+        def make(degree: int, k: int = k, drop: bool = drop, algorithm: str = algorithm) -> MoE:
             torch.manual_seed(30 + 2 * k + drop)
             return MoE(HIDDEN, RowWise(HIDDEN), num_experts=2 * world, k=k, drop_tokens=drop, min_capacity=1,
                        ep_group=comm, algorithm=algorithm, overlap_degree=degree).double()
@@ -97,7 +97,7 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> int:
         tokens_of = [6] * ep if drop else [5 + 4 * e for e in range(ep - 1)] + [0]
         tokens = tokens_of[groups.ep_rank]
 
-        def make(degree: int) -> MoE:
+        def make(degree: int, drop: bool = drop, algorithm: str = algorithm) -> MoE:
             torch.manual_seed(50 + drop)
             return MoE(HIDDEN, RowWise(HIDDEN), num_experts=2 * ep, k=2, drop_tokens=drop, min_capacity=1,
                        groups=groups, algorithm=algorithm, overlap_degree=degree).double()
@@ -126,5 +126,5 @@ def test_overlap_degree_must_be_a_positive_integer():
         MoE(HIDDEN, num_experts=2, ffn_hidden_size=FFN, overlap_degree=0)
     layer = MoE(HIDDEN, num_experts=2, ffn_hidden_size=FFN, overlap_degree=3)
     assert layer.overlap_degree == 3
-    with pytest.raises(ValueError, match="overlap_degree=1.5"):
+    with pytest.raises(ValueError, match=r"overlap_degree=1\.5"):
         layer.overlap_degree = 1.5
