@@ -29,7 +29,8 @@ STEP = "moe_step"
 
 
 def _events(trace_path: str) -> list[tuple[str, float, float, int]]:
-    """(name, start us, duration us, tid) of our events, relative to the step."""
+    """(name, start us, duration us, lane) of our events, relative to the
+    step; lane 0 is the thread that ran the step, 1 the progress thread."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
     step = next(e for e in events if e.get("name") == STEP and e.get("ph") == "X")
@@ -37,7 +38,8 @@ def _events(trace_path: str) -> list[tuple[str, float, float, int]]:
     for e in events:
         name = e.get("name", "")
         if e.get("ph") == "X" and (name.startswith("alltoall::") or name.startswith("alltoall.moe.experts")):
-            ours.append((name, float(e["ts"]) - float(step["ts"]), float(e["dur"]), int(e["tid"])))
+            lane = 0 if e["tid"] == step["tid"] else 1  # the caller's thread, or the progress thread
+            ours.append((name, float(e["ts"]) - float(step["ts"]), float(e["dur"]), lane))
     return ours
 
 
@@ -69,14 +71,13 @@ def _plot(per_degree: dict[int, list[list]], out: str, title: str) -> None:
     for ax, degree in zip(axes[:, 0], degrees, strict=True):
         end = 0.0
         for rank, events in enumerate(per_degree[degree]):
-            main_tid = min((tid for name, _, _, tid in events if name.startswith("alltoall.moe")), default=None)
-            for name, start, dur, tid in events:
+            for name, start, dur, thread in events:
                 if name.startswith("alltoall.moe.experts"):
                     kind = "experts backward" if "backward" in name else "experts forward"
                     lane = 2 * rank
                 else:
                     kind = "all_gather" if "all_gather" in name else "exchange"
-                    lane = 2 * rank + (0 if tid == main_tid else 1)
+                    lane = 2 * rank + thread
                 ax.broken_barh([(start / 1e3, dur / 1e3)], (lane + 0.1, 0.8), color=colors[kind])
                 end = max(end, (start + dur) / 1e3)
         ax.set_yticks([2 * r + 0.5 for r in range(ranks)] + [2 * r + 1.5 for r in range(ranks)])

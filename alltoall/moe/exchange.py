@@ -30,12 +30,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from alltoall.moe.dispatch import Routing
 from alltoall.moe.experts import LocalExperts
 from alltoall.moe.pipeline import Pipeline, _chunk_pieces, check_overlap_degree, counts_matrix, transposed
 from alltoall.ops import Communicator, ParallelGroups
 from alltoall.ops.coordinated import Chunking
+
+
+# The profiler event around the experts' forward (bench/moe_timeline.py).
+EXPERTS_EVENT = "alltoall.moe.experts forward"
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -160,7 +165,8 @@ class ExpertExchange:
         ep, local, width = self.ep, self.num_local, rows.shape[1]
         received = self.to_experts(rows)  # [ep source, local, C, M]
         grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
-        out = experts(grouped, [ep * capacity] * local)
+        with record_function(EXPERTS_EVENT):
+            out = experts(grouped, [ep * capacity] * local)
         back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
         return self.from_experts(back)
 
@@ -171,7 +177,8 @@ class ExpertExchange:
         splits = (sent.sum(dim=1).tolist(), [sum(r) for r in received])
         arrived = self.to_experts(rows, splits)
         per_expert = [sum(received[src][e] for src in range(ep)) for e in range(local)]
-        out = experts(transpose_blocks(arrived, received), per_expert)
+        with record_function(EXPERTS_EVENT):
+            out = experts(transpose_blocks(arrived, received), per_expert)
         by_expert = [[received[src][e] for src in range(ep)] for e in range(local)]
         return self.from_experts(transpose_blocks(out, by_expert), splits)
 
@@ -188,7 +195,8 @@ class ExpertExchange:
         arrived = groups.coordinated_all_to_all_v(rows, full_in, full_out, self.algorithm)
         pieces = _chunk_pieces(received, Chunking(tuple(full_out), groups.tp), groups.tp_rank)
         per_expert = [sum(pieces[s][e] for s in range(ep)) for e in range(local)]
-        out = experts(transpose_blocks(arrived, pieces), per_expert)
+        with record_function(EXPERTS_EVENT):
+            out = experts(transpose_blocks(arrived, pieces), per_expert)
         back = transpose_blocks(out, [[pieces[s][e] for s in range(ep)] for e in range(local)])
         return groups.coordinated_all_to_all_back_v(back, [sum(p) for p in pieces], full_in, self.algorithm)
 

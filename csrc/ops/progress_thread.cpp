@@ -116,6 +116,7 @@ ExchangeResult ProgressThread::run(const Task& task, const std::string& label) {
       self->changed_.notify_all();
     }
   } release{this};
+  RECORD_FUNCTION(label, std::vector<c10::IValue>());
   return task();
 }
 
