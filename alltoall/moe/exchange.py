@@ -38,7 +38,6 @@ from alltoall.moe.pipeline import Pipeline, _chunk_pieces, check_overlap_degree,
 from alltoall.ops import Communicator, ParallelGroups
 from alltoall.ops.coordinated import Chunking
 
-
 # The profiler event around the experts' forward (bench/moe_timeline.py).
 EXPERTS_EVENT = "alltoall.moe.experts forward"
 
