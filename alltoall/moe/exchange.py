@@ -29,7 +29,6 @@ from the counts.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
 from alltoall.moe.dispatch import Routing
@@ -96,12 +95,12 @@ class ExpertExchange:
     def check_equal_tokens(self, tokens: int, device: torch.device) -> None:
         """Raises ValueError on every rank when the EP ranks hold different
         token counts, which the padded (equal) exchange cannot carry. Costs
-        one all-reduce of two integers."""
+        one exchange of one integer per peer over the EP Communicator's own
+        transport (shared memory on one host), not the process group's."""
         if self.comm is None or self.ep == 1:
             return
-        bounds = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
-        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.comm.group)
-        most, least = int(bounds[0]), -int(bounds[1])
+        counts = self.comm.all_to_all(torch.full((self.ep,), tokens, dtype=torch.int64, device=device), "flat")
+        most, least = int(counts.max()), int(counts.min())
         if most != least:
             raise ValueError(
                 f"MoE(drop_tokens=True) needs the same number of tokens on every rank of the expert-parallel "

@@ -64,8 +64,10 @@ class MoE(nn.Module):
             experts that compute each row on its own). See docs/moe.md.
         check_tokens: with ``drop_tokens=True``, all-reduce the local token
             counts before each exchange and raise ValueError on every rank when
-            they differ. Without it such a mismatch fails inside the exchange
-            (gloo aborts the process; other backends wait for the timeout).
+            they differ. Without it such a mismatch fails inside the exchange:
+            gloo aborts the process; NCCL's watchdog aborts the communicator
+            when its own timeout passes, and may end the process
+            (``TORCH_NCCL_ASYNC_ERROR_HANDLING``); see docs/multinode.md.
 
     Construction is collective over the EP group when it builds the
     Communicator (every rank, same order).

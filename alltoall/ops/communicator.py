@@ -12,9 +12,9 @@ import torch.distributed as dist
 from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.ops.work import Work
-from alltoall.plan import make_plan
+from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
-from alltoall.transport import GroupRef, link_class, make_transport, new_subgroup, resolve_timeout, resolve_transport
+from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -56,6 +56,13 @@ class Communicator:
             phase in shared memory; ValueError if a phase's group spans
             hosts) or "c10d" (the group's torch.distributed backend). Default
             ``ALLTOALL_TRANSPORT``, else "auto". CUDA tensors always use c10d.
+
+    Cost profile: the constructor loads ``ALLTOALL_PROFILE`` (a file or a
+    shipped profile's name; "off" for none) or the file ``alltoall-bench
+    --calibrate`` writes, and checks that every rank loaded the same one
+    (ValueError on every rank otherwise). With one, ``algorithm="auto"``
+    takes the algorithm with the lowest predicted time for each call's size
+    (``predict``); without, the fixed rule of ``alltoall.ops.selection``.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class Communicator:
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
         self._keys = {name: traceable.register(ex) for name, ex in self._exchangers.items()}
+        self.profile, self._selector = self._create_selector()
         if self.rank_order is None:
             _by_group[self.group_ref.name] = weakref.ref(self)
 
@@ -108,20 +116,25 @@ class Communicator:
     def _create_node_groups(self) -> dict[str, GroupRef]:
         """Intra-node then inter-node, on every rank in that order. A subgroup
         equal to the whole group reuses it; one of a single rank is not
-        needed, since plans drop phases that move nothing."""
+        needed, since plans drop phases that move nothing. Each kind is a
+        partition of the group, passed whole to ``new_subgroups`` so it can
+        split the group's communicator on a bound device."""
         topo = self.topology
         if not topo.uniform:
             return {}
         groups: dict[str, GroupRef] = {}
-        members = {
-            "intra_node": topo.ranks_of_node(topo.node),
-            "inter_node": topo.ranks_with_local_rank(topo.local_rank),
+        partitions = {
+            "intra_node": [topo.ranks_of_node(node) for node in range(topo.num_nodes)],
+            "inter_node": [topo.ranks_with_local_rank(local) for local in range(topo.ranks_per_node or 0)],
         }
-        for role, ranks in members.items():
-            if len(ranks) == self.size:
+        for role, parts in partitions.items():
+            if len(parts) == 1:
                 groups[role] = self.group_ref
-            elif len(ranks) > 1:
-                groups[role] = new_subgroup(self._global(ranks), self.timeout, f"alltoall_{role}")
+                continue
+            ref = new_subgroups(self.group_ref, [self._global(p) for p in parts if len(p) > 1], self.timeout,
+                                f"alltoall_{role}")
+            if ref is not None:
+                groups[role] = ref
         return groups
 
     def _hosts_of(self, ref: GroupRef) -> list[str]:
@@ -134,6 +147,20 @@ class Communicator:
         group."""
         return {role: make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
                 for role, ref in self._groups.items()}
+
+    def _create_selector(self) -> tuple[Profile | None, selection.ModelSelector | None]:
+        """Collective: every rank's profile hash must agree (ValueError on
+        every rank otherwise); with a profile, "auto" chooses by the model
+        among the algorithms that differ here."""
+        links = {name: self.links(name) for name in self._exchangers}
+        profile, links_by_rank = selection.agree_on_profile(self.group, self.group_ref.name,
+                                                            self.group_ref.global_ranks, links)
+        if profile is None:
+            return None, None
+        candidates = tuple(name for name, ex in self._exchangers.items()
+                           if name == "flat" or len(ex.plan.phases) > 1)
+        selector = selection.ModelSelector(profile, self.topology, links_by_rank, candidates, self.rank_order)
+        return profile, selector
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
@@ -158,8 +185,20 @@ class Communicator:
         cannot run on this topology."""
         validation.check_algorithm(algorithm, self.topology)
         if algorithm == "auto":
+            if self._selector is not None and bytes_per_peer is not None:
+                return self._selector.choose(bytes_per_peer)
             return selection.choose(self.topology, bytes_per_peer)
         return algorithm
+
+    def predict(self, bytes_per_rank: float) -> dict[str, float]:
+        """Predicted microseconds of an equal-split exchange of
+        ``bytes_per_rank`` bytes, for every algorithm "auto" picks among
+        here: the slowest rank's, under ``self.profile`` (alltoall.plan.model).
+        Raises ValueError when no profile was loaded."""
+        if self._selector is None:
+            raise ValueError(f"no cost profile on group '{self.group_ref.name}': set ALLTOALL_PROFILE or run "
+                             "alltoall-bench --calibrate")
+        return self._selector.predict_us(bytes_per_rank)
 
     def exchanger(self, algorithm: str) -> _C.Exchanger:
         """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
@@ -185,6 +224,7 @@ class Communicator:
         comm._transports = comm._create_transports()
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
         comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
+        comm.profile, comm._selector = None, None
         return comm
 
     # Collectives ------------------------------------------------------------

@@ -16,7 +16,7 @@ from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks, TensorG
 from alltoall.ops.work import Work, attach, needs_grad
 from alltoall.topology import Topology, detect_hosts
 from alltoall.topology.layout import KINDS, RankLayout
-from alltoall.transport import GroupRef, make_transport, new_subgroup, resolve_timeout
+from alltoall.transport import GroupRef, make_transport, new_subgroups, resolve_timeout
 
 
 class ParallelGroups:
@@ -82,11 +82,13 @@ class ParallelGroups:
         self.tp_rank, self.ep_rank, self.dp_rank = coords["tp"], coords["ep"], coords["dp"]
 
         self._refs: dict[str, GroupRef] = {}
+        world = GroupRef.of(None)
         for kind in KINDS:  # the same order on every rank
             if kind == "rail" and not topology.uniform:
                 continue
-            members = self.layout.group_of(kind, rank)
-            self._refs[kind] = new_subgroup(members, self.timeout, f"alltoall_{kind}")
+            ref = new_subgroups(world, self.layout.groups(kind), self.timeout, f"alltoall_{kind}")
+            assert ref is not None, f"rank {rank} is in no {kind} group"  # the layout partitions the world
+            self._refs[kind] = ref
 
         ep_members = self.layout.group_of("ep", rank)
         ep_topology = Topology.from_node_ids([topology.node_of_rank[r] for r in ep_members],

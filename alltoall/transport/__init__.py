@@ -10,7 +10,14 @@ from alltoall.transport.choice import (
     make_transport,
     resolve_transport,
 )
-from alltoall.transport.process_group import DEFAULT_TIMEOUT, TIMEOUT_ENV, GroupRef, new_subgroup, resolve_timeout
+from alltoall.transport.process_group import (
+    DEFAULT_TIMEOUT,
+    TIMEOUT_ENV,
+    GroupRef,
+    new_subgroups,
+    resolve_timeout,
+    splits_parent_communicator,
+)
 from alltoall.transport.shm import ShmOptions
 
 __all__ = [
@@ -23,7 +30,8 @@ __all__ = [
     "ShmOptions",
     "link_class",
     "make_transport",
-    "new_subgroup",
+    "new_subgroups",
     "resolve_timeout",
     "resolve_transport",
+    "splits_parent_communicator",
 ]

@@ -12,6 +12,9 @@ the segment name, so every member lays out the segment the same way):
   of two) when the kernel allows it; 0 disables. Default 64 KiB.
 - ``ALLTOALL_SHM_SPINS`` / ``ALLTOALL_SHM_YIELDS``: polls, then sched_yield
   calls, before a waiting rank sleeps on a futex (docs/architecture.md).
+- ``ALLTOALL_SHM_PREFIX``: the start of segment names (default
+  ``alltoall-``), so that one job's segments can be told from another's; the
+  name goes on with the creator's pid and random hex.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ RING_BYTES_ENV = "ALLTOALL_SHM_RING_BYTES"
 SINGLE_COPY_BYTES_ENV = "ALLTOALL_SHM_SINGLE_COPY_BYTES"
 SPINS_ENV = "ALLTOALL_SHM_SPINS"
 YIELDS_ENV = "ALLTOALL_SHM_YIELDS"
+PREFIX_ENV = "ALLTOALL_SHM_PREFIX"
 
 MAX_RING_BYTES = 256 * 1024
 MIN_RING_BYTES = 4 * 1024
@@ -37,7 +41,7 @@ RINGS_BUDGET_BYTES = 64 * 1024 * 1024
 DEFAULT_SINGLE_COPY_BYTES = 64 * 1024
 DEFAULT_SPINS = 32
 DEFAULT_YIELDS = 64
-SEGMENT_PREFIX = "/alltoall-"
+DEFAULT_PREFIX = "alltoall-"
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
@@ -87,7 +91,10 @@ def create_shm_transport(group: GroupRef, host: str, timeout: timedelta, fallbac
     rank = dist.get_rank(group.group)
     offer: list[object] = [None]
     if rank == 0:
-        name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        prefix = os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+        if "/" in prefix:
+            raise ValueError(f"{PREFIX_ENV}={prefix!r} must not contain '/'")
+        name = f"/{prefix}{os.getpid()}-{secrets.token_hex(8)}"
         offer = [(name, secrets.token_hex(16), ShmOptions.from_env(size))]
     dist.broadcast_object_list(offer, src=group.global_ranks[0], group=group.group)
     name, token, options = offer[0]  # type: ignore[misc]

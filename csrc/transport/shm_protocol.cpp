@@ -165,16 +165,15 @@ enum class Stage : uint8_t { kDone, kHeader, kBytes, kAwaitRead };
 
 }  // namespace
 
-void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std::string& what) {
-  if (broken_) throw ShmError(what + ": the shared-memory transport is unusable after an earlier failure (" +
-                              broken_reason_ + ")");
+void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
+  if (broken_) throw ShmError("the shared-memory transport is unusable after an earlier failure (" + broken_reason_ + ")");
   if (static_cast<int>(transfers.size()) != size_) {
-    throw ShmError(what + ": " + std::to_string(transfers.size()) + " transfers for a group of " +
+    throw ShmError(std::to_string(transfers.size()) + " transfers for a group of " +
                    std::to_string(size_));
   }
   const PeerTransfer& own = transfers[rank_];
   if (own.send_bytes != own.recv_bytes) {
-    throw ShmError(what + ": this rank sends itself " + std::to_string(own.send_bytes) + " bytes but expects " +
+    throw ShmError("this rank sends itself " + std::to_string(own.send_bytes) + " bytes but expects " +
                    std::to_string(own.recv_bytes));
   }
   if (own.send_bytes > 0) mover_.copy(own.recv, own.send, own.send_bytes);
@@ -202,7 +201,7 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std
   auto fail = [&](const std::string& reason) {
     broken_ = true;
     broken_reason_ = reason;
-    throw ShmError(what + ": " + reason);
+    throw ShmError(reason);
   };
 
   auto push = [&](int j) -> bool {
@@ -355,13 +354,13 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std
       }
       bool dead = false;
       for (int j : waiting_on) dead = dead || !segment_.alive(j);
-      if (dead || now >= deadline) fail_waiting(what, waiting_on, !dead);
+      if (dead || now >= deadline) fail_waiting(waiting_on, !dead);
     }
     if (sleep_on_doorbell(my_doorbell, policy.sleep_slice, pass)) idle = 0;
   }
 }
 
-void ShmProtocol::fail_waiting(const std::string& what, const std::vector<int>& waiting_on, bool timed_out) {
+void ShmProtocol::fail_waiting(const std::vector<int>& waiting_on, bool timed_out) {
   broken_ = true;
   std::vector<int> dead;
   for (int j : waiting_on) {
@@ -371,11 +370,12 @@ void ShmProtocol::fail_waiting(const std::string& what, const std::vector<int>& 
     std::vector<int> global;
     for (int j : dead) global.push_back(segment_.global_ranks()[j]);
     broken_reason_ = "peer(s) died";
-    throw ShmPeerDied(what + ": group rank(s) " + list(dead) + " (global rank(s) " + list(global) +
-                      ") exited while this rank waited for them in shared memory");
+    throw ShmPeerDied("group rank(s) " + list(dead) + " (global rank(s) " + list(global) +
+                      ") left while this rank waited for them in shared memory (their process exited, or closed this "
+                      "group's transport)");
   }
   broken_reason_ = "timeout";
-  throw ShmError(what + ": timed out after " + std::to_string(segment_.timeout().count()) +
+  throw ShmError("timed out after " + std::to_string(segment_.timeout().count()) +
                  " ms waiting in shared memory for group rank(s) " + list(waiting_on));
 }
 

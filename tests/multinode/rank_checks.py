@@ -86,7 +86,9 @@ def describe_topology(comm: alltoall.Communicator) -> dict[str, Any]:
 
 def run_placement(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     comm = alltoall.Communicator(local_size=args.local_size, timeout=args.timeout)
-    result = {"topology": describe_topology(comm), "checks": {}}
+    result = {"topology": describe_topology(comm), "checks": {},
+              "transports": {alg: list(comm.transports(alg)) for alg in ("flat", "hierarchical")
+                             if comm.topology.uniform or alg == "flat"}}
     for name in args.checks.split(","):
         result["checks"][name] = CHECKS[name](comm, device, args.seed)
     return result
