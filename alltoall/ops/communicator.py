@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
+from alltoall.ops.work import Work
 from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
 from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
@@ -94,6 +95,7 @@ class Communicator:
             raise ValueError(f"rank_order={list(rank_order)} is not a permutation of the group's {self.size} ranks")
         self.rank_order = None if rank_order is None or list(rank_order) == list(range(self.size)) else list(rank_order)
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
+        self.progress = _C.ProgressThread(f"communicator on group '{self.group_ref.name}'")
         # The real host of every rank (never emulated): it decides where
         # shared memory can carry a phase.
         self.hosts = detect_hosts(self.group) if self.transport != "c10d" else ("?",) * self.size
@@ -162,7 +164,7 @@ class Communicator:
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
-        return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases])
+        return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases], self.progress)
 
     def transports(self, algorithm: str) -> tuple[str, ...]:
         """What carries each phase of ``algorithm`` on this rank: "shm" or
@@ -217,6 +219,7 @@ class Communicator:
         comm.transport = "c10d"
         comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
         comm._groups = {"world": comm.group_ref}
+        comm.progress = _C.ProgressThread(f"communicator on group '{comm.group_ref.name}'")
         comm.hosts = ("?",) * comm.size
         comm._transports = comm._create_transports()
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
@@ -226,6 +229,14 @@ class Communicator:
 
     # Collectives ------------------------------------------------------------
 
+    def synchronize(self) -> None:
+        """Waits until every exchange issued so far (``async_op=True``
+        included) has run. Collectives issued directly on the same process
+        group with torch.distributed from another path must come after
+        this: over c10d they would otherwise race the queued exchanges for
+        the group's order."""
+        self.progress.synchronize()
+
     def _resolve_for(self, algorithm: str, bytes_per_peer: int | None) -> str:
         resolved = self.resolve(algorithm, bytes_per_peer)
         if resolved not in self._exchangers:
@@ -233,7 +244,16 @@ class Communicator:
                              f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
         return resolved
 
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None) -> torch.Tensor:
+    def _agree(self, name: str, x: torch.Tensor, validate, check: bool | None) -> consistency.Validated:
+        if not consistency.enabled(check):
+            return validate()
+        # The check's collectives go through torch.distributed on this
+        # group: let the queued exchanges finish first, so they keep order.
+        self.progress.synchronize()
+        return consistency.agree(name, self.group, x, validate, self.rank_order)
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
+                   async_op: bool = False) -> torch.Tensor | Work:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
@@ -241,14 +261,20 @@ class Communicator:
             algorithm: "auto", "flat" or "hierarchical".
             check: verify first, collectively, that all ranks pass the same
                 dtype, trailing shape and dim 0 (default: ``ALLTOALL_CHECK``).
+            async_op: queue the exchange on this Communicator's progress
+                thread and return a ``Work`` at once; its ``wait()`` returns
+                the tensor below (see alltoall.ops.work).
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
             flows through; the backward is the same exchange. Under
             torch.compile the call is the traceable op
-            ``torch.ops.alltoall.exchange_equal`` (check is then not run).
+            ``torch.ops.alltoall.exchange_equal`` (check is then not run;
+            async_op is not supported there).
         """
         if torch.compiler.is_compiling():
+            if async_op:
+                raise ValueError("all_to_all(async_op=True) cannot be compiled; call it outside torch.compile")
             validation.check_tensor(x, "all_to_all")
             validation.check_divisible(x, self.size, "all_to_all")
             bytes_per_peer = x.numel() * x.element_size() // self.size
@@ -260,10 +286,9 @@ class Communicator:
             bytes_per_peer = x.numel() * x.element_size() // self.size
             return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
 
-        if consistency.enabled(check):
-            plan = consistency.agree("all_to_all", self.group, x, validate, self.rank_order)
-        else:
-            plan = validate()
+        plan = self._agree("all_to_all", x, validate, check)
+        if async_op:
+            return autograd.all_to_all_async(x, self._exchangers[plan.algorithm])
         return autograd.all_to_all(x, self._exchangers[plan.algorithm])
 
     def all_to_all_v(
@@ -274,7 +299,8 @@ class Communicator:
         algorithm: str = "auto",
         *,
         check: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        async_op: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]] | Work:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
 
@@ -289,6 +315,7 @@ class Communicator:
             check: verify first, collectively, that every rank's
                 input_splits[d] equals what rank d expects, and that dtypes and
                 trailing shapes agree (default: ``ALLTOALL_CHECK``).
+            async_op: return a ``Work`` whose ``wait()`` gives what is below.
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
@@ -303,10 +330,10 @@ class Communicator:
                 outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
             return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
 
-        if consistency.enabled(check):
-            plan = consistency.agree("all_to_all_v", self.group, x, validate, self.rank_order)
-        else:
-            plan = validate()
+        plan = self._agree("all_to_all_v", x, validate, check)
         exchanger = self._exchangers[plan.algorithm]
+        if async_op:
+            return autograd.all_to_all_v_async(x, exchanger, plan.input_splits, plan.output_splits,
+                                               with_splits=output_splits is None)
         out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received)

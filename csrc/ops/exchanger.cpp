@@ -46,8 +46,9 @@ void check_splits(const char* name, const Sizes& splits, int world_size) {
 
 }  // namespace
 
-Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports)
-    : plan_(std::move(plan)), transports_(std::move(transports)) {
+Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
+                     std::shared_ptr<ProgressThread> progress)
+    : plan_(std::move(plan)), transports_(std::move(transports)), progress_(std::move(progress)) {
   TORCH_CHECK_VALUE(transports_.size() == plan_.phases.size(), "the plan has ", plan_.phases.size(),
                     " phases but ", transports_.size(), " transports were given");
   for (size_t i = 0; i < transports_.size(); ++i) {
@@ -69,10 +70,76 @@ std::string Exchanger::step_name(size_t phase, const char* what) const {
          std::to_string(plan_.phases.size()) + " (" + plan::to_string(plan_.phases[phase].role) + ")";
 }
 
-at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
+Exchanger::~Exchanger() {
+  if (progress_) progress_->synchronize();
+}
+
+ProgressThread& Exchanger::require_progress(const char* what) const {
+  TORCH_CHECK_VALUE(progress_ != nullptr, what, ": this Exchanger was built without a progress thread, so it "
+                    "cannot run asynchronous exchanges (alltoall.Communicator gives its exchangers one)");
+  return *progress_;
+}
+
+void Exchanger::check_equal(const at::Tensor& input) const {
   TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all: input must have at least one dimension, got a 0-d tensor");
   TORCH_CHECK_VALUE(input.size(0) % plan_.num_blocks == 0, "all_to_all: dim 0 of the input (", input.size(0),
                     ") is not divisible by the group size ", plan_.num_blocks);
+}
+
+void Exchanger::check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                             const std::optional<std::vector<int64_t>>& output_splits) const {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all_v: input must have at least one dimension, got a 0-d tensor");
+  check_splits("input_splits", input_splits, plan_.num_blocks);
+  TORCH_CHECK_VALUE(total(input_splits) == input.size(0), "all_to_all_v: input_splits sum to ", total(input_splits),
+                    " but dim 0 of the input is ", input.size(0));
+  if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
+}
+
+at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
+  check_equal(input);
+  if (!progress_) return run_all_to_all(input);
+  return progress_->run([&] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all")).output;
+}
+
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+    const at::Tensor& input, const std::vector<int64_t>& input_splits,
+    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  if (!progress_) return run_all_to_all_v(input, input_splits, output_splits);
+  auto result = progress_->run(
+      [&] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      label("all_to_all_v"));
+  return {std::move(result.output), std::move(result.splits)};
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const {
+  check_equal(input);
+  ProgressThread& progress = require_progress("all_to_all(async_op=True)");
+  // The task holds the input; the owner's destructor drains the queue
+  // before this exchanger goes away, so `this` outlives the task.
+  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all"));
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                                    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  ProgressThread& progress = require_progress("all_to_all_v(async_op=True)");
+  return progress.submit(
+      [this, input, input_splits, output_splits] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      label("all_to_all_v"));
+}
+
+std::string Exchanger::label(const char* what) const {
+  return std::string("alltoall::") + what + " (" + plan::to_string(plan_.algorithm) + ")";
+}
+
+at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
   const at::Tensor source = input.contiguous();
   at::Tensor buffer = as_byte_rows(source);
   const Sizes sizes(plan_.num_blocks, input.size(0) / plan_.num_blocks);
@@ -88,15 +155,9 @@ at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
   return from_byte_rows(buffer, source, input.size(0));
 }
 
-std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
     const at::Tensor& input, const std::vector<int64_t>& input_splits,
     const std::optional<std::vector<int64_t>>& output_splits) const {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all_v: input must have at least one dimension, got a 0-d tensor");
-  check_splits("input_splits", input_splits, plan_.num_blocks);
-  TORCH_CHECK_VALUE(total(input_splits) == input.size(0), "all_to_all_v: input_splits sum to ", total(input_splits),
-                    " but dim 0 of the input is ", input.size(0));
-  if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
-
   const at::Tensor source = input.contiguous();
   at::Tensor buffer = as_byte_rows(source);
   Sizes sizes = input_splits;

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops/progress_thread.h"
 #include "plan/exchange_plan.h"
 #include "transport/transport.h"
 
@@ -18,8 +19,14 @@ namespace alltoall::ops {
 class Exchanger {
  public:
   // transports[i] carries phase i of `plan`; its size and rank must match
-  // the phase's group.
-  Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports);
+  // the phase's group. `progress` (may be null) is the owner's FIFO: with
+  // it every call, synchronous or not, runs in issue order with the owner's
+  // other calls, and the *_async calls are available.
+  Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
+            std::shared_ptr<ProgressThread> progress = nullptr);
+  Exchanger(Exchanger&&) = default;
+  // Waits for the owner's queued work, which may point at this exchanger.
+  ~Exchanger();
 
   // Equal splits: dim 0 of `input` holds num_blocks equal blocks, block d for
   // group rank d. Returns what all_to_all_single returns: block s from rank s.
@@ -31,13 +38,32 @@ class Exchanger {
       const at::Tensor& input, const std::vector<int64_t>& input_splits,
       const std::optional<std::vector<int64_t>>& output_splits) const;
 
+  // The same exchanges, queued on the progress thread. The input must not
+  // be modified until the work completes.
+  std::shared_ptr<Work> all_to_all_async(const at::Tensor& input) const;
+  std::shared_ptr<Work> all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                           const std::optional<std::vector<int64_t>>& output_splits) const;
+
   const plan::ExchangePlan& plan() const { return plan_; }
+  const std::shared_ptr<ProgressThread>& progress() const { return progress_; }
 
  private:
+  // The exchanges themselves, on whatever thread calls them.
+  at::Tensor run_all_to_all(const at::Tensor& input) const;
+  std::pair<at::Tensor, std::vector<int64_t>> run_all_to_all_v(
+      const at::Tensor& input, const std::vector<int64_t>& input_splits,
+      const std::optional<std::vector<int64_t>>& output_splits) const;
+  void check_equal(const at::Tensor& input) const;
+  void check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                    const std::optional<std::vector<int64_t>>& output_splits) const;
+  ProgressThread& require_progress(const char* what) const;
+  std::string label(const char* what) const;
+
   std::string step_name(size_t phase, const char* what) const;
 
   plan::ExchangePlan plan_;
   std::vector<std::shared_ptr<transport::Transport>> transports_;
+  std::shared_ptr<ProgressThread> progress_;
 };
 
 }  // namespace alltoall::ops
