@@ -251,7 +251,12 @@ void ShmSegment::barrier(int round, const std::string& what) const {
     const auto now = std::chrono::steady_clock::now();
     if (now > next_check) {
       next_check = now + std::chrono::milliseconds(200);
-      const auto dead = dead_members();
+      // Only members that attached can have left: one that holds no lock
+      // yet may simply not have been scheduled since the segment appeared.
+      std::vector<int> dead;
+      for (int r : dead_members()) {
+        if (pid_of(r) != 0) dead.push_back(r);
+      }
       if (!dead.empty()) {
         throw ShmError(what + ": group member(s) " + list(dead) + " of segment " + name_ + " exited");
       }
