@@ -59,14 +59,6 @@ class HostByteMover final : public ByteMover {
   }
 };
 
-std::string list(const std::vector<int>& values) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
-  out << "]";
-  return out.str();
-}
-
 }  // namespace
 
 const ByteMover& host_byte_mover() {
@@ -370,13 +362,13 @@ void ShmProtocol::fail_waiting(const std::vector<int>& waiting_on, bool timed_ou
     std::vector<int> global;
     for (int j : dead) global.push_back(segment_.global_ranks()[j]);
     broken_reason_ = "peer(s) died";
-    throw ShmPeerDied("group rank(s) " + list(dead) + " (global rank(s) " + list(global) +
+    throw ShmPeerDied("group rank(s) " + format_ranks(dead) + " (global rank(s) " + format_ranks(global) +
                       ") left while this rank waited for them in shared memory (their process exited, or closed this "
                       "group's transport)");
   }
   broken_reason_ = "timeout";
   throw ShmError("timed out after " + std::to_string(segment_.timeout().count()) +
-                 " ms waiting in shared memory for group rank(s) " + list(waiting_on));
+                 " ms waiting in shared memory for group rank(s) " + format_ranks(waiting_on));
 }
 
 }  // namespace alltoall::transport
