@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstring>
 #include <sstream>
+#include <thread>
 
 #include "transport/shm_error.h"
 
@@ -268,6 +269,10 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
         // The sender waits for `consumed` to pass this header before it
         // reuses its buffer, so advance it only once the bytes are here.
         if (!mover_.read_remote(segment_.pid_of(j), h.address, t.recv, t.recv_bytes)) {
+          // A sender that is dying cannot be read: the kernel drops its
+          // memory before its files, so give its lock a moment to go.
+          for (int i = 0; i < 100 && segment_.alive(j); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+          if (!segment_.alive(j)) fail_waiting({j}, false);
           fail("cross-memory read of " + std::to_string(t.recv_bytes) + " bytes from group rank " +
                std::to_string(j) + " failed");
         }

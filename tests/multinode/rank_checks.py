@@ -47,6 +47,7 @@ from tests.multinode.exchange_checks import CHECKS
 
 BACKEND_ENV = "ALLTOALL_TEST_BACKEND"
 FAULT_SEEN_EXIT = 3
+FAULT_REPORT_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"rank {rank}: FAILED\n{report['error']}", file=sys.stderr, flush=True)
     if args.suite == "fault" or failed:
-        # After a fault the group is broken: tearing it down could block, so leave at once.
+        # After a fault the group is broken: tearing it down could block, so
+        # leave without it. But not at once: a launcher ends its other workers
+        # when one exits, and a peer on this host that detects the fault a
+        # little later (shared memory, then a TCP phase) must still report.
+        if args.suite == "fault":
+            time.sleep(FAULT_REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(1 if failed else FAULT_SEEN_EXIT)
     dist.destroy_process_group()
