@@ -39,7 +39,7 @@ from alltoall.ops.coordinated import Chunking
 
 Counts = list[list[int]]
 # stage(chunk index, rows grouped by local expert, rows per local expert) -> same layout
-Stage = Callable[[int, torch.Tensor, list[int]], torch.Tensor]
+Stage = Callable[[int, torch.Tensor, list[int]], torch.Tensor | None]
 
 
 def piece(n: int, i: int, parts: int) -> tuple[int, int]:
@@ -169,18 +169,26 @@ class Pipeline:
         return self.comm.all_to_all_v(y, [sum(r) for r in chunk.received], [sum(r) for r in chunk.sent],
                                       self.algorithm, async_op=True)
 
-    def run(self, buffer: torch.Tensor, stage: Stage, what: str) -> torch.Tensor:
-        """``buffer`` ``[R, M]`` (no grad) through the N-chunk schedule."""
+    def run(self, buffer: torch.Tensor, stage: Stage, what: str, back: bool = True) -> torch.Tensor | None:
+        """``buffer`` ``[R, M]`` (no grad) through the N-chunk schedule.
+        ``back=False``: the stage returns nothing to send back (the backward
+        when the rows need no gradient), so only the first exchanges run."""
         pieces = torch.ops.alltoall.gather_blocks(buffer, *self._split).split(self._chunk_rows)
         outgoing = [self._to_experts(i, pieces[i]) for i in range(self.parts)]
+        del pieces
         returning = []
         for i, chunk in enumerate(self.chunks):
             arrived = outgoing[i].wait()
             outgoing[i] = None  # free the received rows once used
             with record_function(f"alltoall.moe.experts {what} chunk {i}"):
                 out = stage(i, regroup(arrived, chunk.arrived), chunk.per_expert)
-                back = regroup(out, chunk.by_expert)
-            returning.append(self._from_experts(i, back))
+                if back:
+                    out = regroup(out, chunk.by_expert)
+            del arrived
+            if back:
+                returning.append(self._from_experts(i, out))
+        if not back:
+            return None
         outs = [work.wait() for work in returning]
         return torch.ops.alltoall.gather_blocks(torch.cat(outs), *self._join)
 
@@ -215,35 +223,40 @@ class PipelinedExperts(torch.autograd.Function):
         names = {id(p): n for n, p in pipe.experts.named_parameters()}
         aliases = [p.detach().requires_grad_() for p in params]
         overrides = {names[id(p)]: a for p, a in zip(params, aliases, strict=True)}
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # As at N = 1: the experts' input gradient (and the backward's
+        # return exchanges) only when the rows need it.
+        rows_grad = rows.requires_grad
+        saved: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
         def stage(i: int, x: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-            x = x.detach().requires_grad_()
+            x = x.detach().requires_grad_(rows_grad)
             with torch.enable_grad():
                 y = torch.func.functional_call(pipe.experts, overrides, (x, per_expert))
             saved.append((x, y))
             return y.detach()
 
         out = pipe.run(rows.detach(), stage, "forward")
-        ctx.pipe, ctx.saved, ctx.aliases = pipe, saved, aliases
+        ctx.pipe, ctx.saved, ctx.aliases, ctx.rows_grad = pipe, saved, aliases, rows_grad
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        pipe, saved, aliases = ctx.pipe, ctx.saved, ctx.aliases
-        totals: list[torch.Tensor | None] = [None] * len(aliases)
+        pipe, saved, aliases, rows_grad = ctx.pipe, ctx.saved, ctx.aliases, ctx.rows_grad
 
-        def stage(i: int, g: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-            x, y = saved[i]
-            grads = torch.autograd.grad(y, [x, *aliases], g, allow_unused=True)
-            saved[i] = None  # type: ignore[call-overload]
-            for j, gp in enumerate(grads[1:]):
-                if gp is not None:
-                    totals[j] = gp if totals[j] is None else totals[j] + gp
-            return grads[0] if grads[0] is not None else torch.zeros_like(x)
+        def stage(i: int, g: torch.Tensor, per_expert: list[int]) -> torch.Tensor | None:
+            x, y = saved[i]  # type: ignore[misc]
+            saved[i] = None  # the chunk's graph goes as soon as it is used
+            # Parameter gradients accumulate in place on the aliases' .grad
+            # (chunk 0's is taken as is, later chunks are added to it in
+            # chunk order), rather than N full-size temporaries and sums.
+            torch.autograd.backward(y, g, inputs=[*aliases, x] if rows_grad else aliases)
+            if not rows_grad:
+                return None
+            return x.grad if x.grad is not None else torch.zeros_like(x)
 
-        grad_rows = pipe.run(grad.contiguous(), stage, "backward")
+        grad_rows = pipe.run(grad.contiguous(), stage, "backward", back=rows_grad)
+        totals = [a.grad for a in aliases]
         ctx.saved = ctx.aliases = None
         return (grad_rows, None, *totals)
 
