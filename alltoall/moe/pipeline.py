@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
@@ -211,6 +212,19 @@ class _Ready:
         return self.value
 
 
+class _Schedule(nn.Module):
+    """Runs ``body`` with ``experts`` as a submodule, so that one
+    ``functional_call`` puts parameter aliases in place for all of it."""
+
+    def __init__(self, experts: LocalExperts, body: Callable[[], torch.Tensor | None]) -> None:
+        super().__init__()
+        self.experts = experts
+        self.body = body
+
+    def forward(self) -> torch.Tensor | None:
+        return self.body()
+
+
 class PipelinedExperts(torch.autograd.Function):
     """The whole exchange -> experts -> exchange region as one autograd node,
     so the backward can pipeline too (the autograd engine would run chunks
@@ -231,11 +245,14 @@ class PipelinedExperts(torch.autograd.Function):
         def stage(i: int, x: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
             x = x.detach().requires_grad_(rows_grad)
             with torch.enable_grad():
-                y = torch.func.functional_call(pipe.experts, overrides, (x, per_expert))
+                y = pipe.experts(x, per_expert)
             saved.append((x, y))
             return y.detach()
 
-        out = pipe.run(rows.detach(), stage, "forward")
+        # The aliases go in once for the whole schedule, not once per chunk
+        # (a reparametrization costs about as much as a small expert call).
+        body = _Schedule(pipe.experts, lambda: pipe.run(rows.detach(), stage, "forward"))
+        out = torch.func.functional_call(body, {f"experts.{n}": a for n, a in overrides.items()}, ())
         ctx.pipe, ctx.saved, ctx.aliases, ctx.rows_grad = pipe, saved, aliases, rows_grad
         return out
 
