@@ -137,3 +137,30 @@ def test_overlap_degree_must_be_a_positive_integer():
     assert layer.overlap_degree == 3
     with pytest.raises(ValueError, match=r"overlap_degree=1\.5"):
         layer.overlap_degree = 1.5
+
+
+@pytest.mark.parametrize("arrived", [True, False])
+def test_chunks_run_together_only_when_already_arrived(monkeypatch, arrived):
+    """One process: every exchange is complete at once, so the N chunks run
+    as one expert call; with exchanges reported as still running, one call
+    per chunk. Both equal N = 1."""
+    from alltoall.moe import pipeline
+
+    monkeypatch.setattr(pipeline._Ready, "is_completed", lambda self: arrived)
+    calls: list[int] = []
+
+    def make(degree: int) -> MoE:
+        torch.manual_seed(70)
+        layer = MoE(HIDDEN, RowWise(HIDDEN), num_experts=4, k=2, min_capacity=1, overlap_degree=degree).double()
+        layer.experts.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        return layer
+
+    x, probe = rank_input(0, 12, (HIDDEN,), torch.float64, 7), rank_input(0, 12, (HIDDEN,), torch.float64, 8)
+    base = _step(make(1), x, probe)
+    calls.clear()
+    result = _step(make(3), x, probe)
+    assert len(calls) == (1 if arrived else 3), calls
+    assert_same_bytes(result[0], base[0], "N=3 output")
+    assert_same_bytes(result[1], base[1], "N=3 input grad")
+    for name, grad in result[2].items():
+        torch.testing.assert_close(grad, base[2][name], rtol=1e-10, atol=1e-12, msg=name)
