@@ -7,6 +7,9 @@ Every rank runs this (torchrun, mpiexec, srun, or bench/emulated_cluster.py):
     sudo .venv/bin/python bench/emulated_cluster.py --nodes 2 --nproc-per-node 4 --rate 1gbit -- \\
         .venv/bin/python bench/moe_step.py --json moe-step-emu.json
 
+Issue 12's acceptance set (overlap_degree 1, 2, 4 and DeepSpeed, flat and
+hierarchical, training step at ACCEPTANCE_SHAPE): add ``--acceptance``.
+
 Fixed: EP = world size, fp32, capacity factor 1 (tokens dropped), k = 2,
 E = 16 experts, FeedForward(M, F) experts: one module, deep-copied into both
 layers' local experts (so both start from the same expert weights), and the
