@@ -55,10 +55,13 @@ from alltoall.launch import init_distributed
 from alltoall.moe.experts import FeedForward
 
 NUM_EXPERTS, K, CAPACITY_FACTOR, MIN_CAPACITY = 16, 2, 1.0, 4
-# Issue 12's benchmark shape: on 2 emulated hosts x 4 ranks with 1 Gbit/s
-# links, one exchange puts 16 * S * M bytes per direction on the link
-# (~17 ms at S=256, M=512), and the 4 exchanges of a step take about as long
-# as the experts' forward + backward on 8 ranks sharing 2 cores; see traffic().
+# Issue 12's benchmark shape, chosen by estimate (traffic()), not by a
+# measurement: on 2 emulated hosts x 4 ranks with 1 Gbit/s links one
+# exchange puts 16 * S * M bytes per direction on a host's link (2.1 MB,
+# ~17 ms at 125 MB/s for S=256, M=512), ~67 ms for the 4 exchanges of a
+# step; the experts' forward + backward is 0.8 GFLOP per rank, 6.4 GFLOP on
+# the 2 shared cores, ~65 ms at 50 GFLOP/s per core. 256 rows per expert
+# also leave 64-row chunks at N=4.
 ACCEPTANCE_SHAPE = "256x512x256"
 DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
