@@ -10,7 +10,8 @@ traffic and in the company it has there:
 - the rail groups (one rank per node, same local index), all at once: its
   inter-node phase;
 - local copy passes (``gather_blocks`` reversing the blocks), on every rank
-  at once: the copy rate.
+  at once: the copy rate, a second one for buffers beyond this host's share
+  of the last-level cache (sysfs: cache size / (2 x ranks on the host)).
 
 A flat exchange of b bytes per rank on a group of k ranks sends k-1
 messages of b/k bytes, so each (class, group, size) is one sample of
@@ -36,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,7 @@ from alltoall.transport import GroupRef, new_subgroups, resolve_timeout
 from alltoall.transport.shm import ShmOptions
 
 SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
+COPY_SIZES = tuple(1024 * 2**i for i in range(15))  # 1 KiB .. 16 MiB: copies are cheap to time
 # Transports tried on every group, in order; "default" is what "auto" runs on.
 TRANSPORTS = ("default", "shm", "c10d")
 
@@ -88,10 +91,34 @@ def _scopes(topology: Topology) -> list[tuple[str, tuple[int, ...] | None]]:
     return out
 
 
-def _thresholds(runs: list[GroupRun | None]) -> dict[str, int]:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine (sysfs), 0 when unknown."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def _copy_threshold(topology: Topology) -> int:
+    """The buffer size from which a copy pass streams from memory rather
+    than the last-level cache: the cache shared by the ranks of this host,
+    each holding a source and a destination. 0 (one rate) when unknown."""
+    on_host = topology.size if topology.emulated else (topology.ranks_per_node or topology.size)
+    return last_level_cache_bytes() // (2 * on_host)
+
+
+def _thresholds(runs: list[GroupRun | None], topology: Topology) -> dict[str, int]:
     """Per link class, the message size from which its transport switches to
-    its large-message protocol, as the transport reads it (0: none)."""
-    out: dict[str, int] = {}
+    its large-message protocol, as the transport reads it (0: none); for
+    copies, the cache threshold."""
+    out: dict[str, int] = {COPY: _copy_threshold(topology)}
     for run in runs:
         if run is not None and run.link == "shm":
             out["shm"] = ShmOptions.from_env(run.comm.size).single_copy_bytes if run.comm else 0
@@ -144,9 +171,10 @@ def _slowest_median_us(call: Callable[[], object], size: int, group: dist.Proces
 
 def _copy_samples(world: int) -> list[Sample]:
     """One reorder pass (the blocks of a buffer reversed) per size, on every
-    rank at once, as in an exchange."""
+    rank at once, as in an exchange; up to 16 MiB, so that at least two sizes
+    lie above the cache threshold (``_copy_threshold``)."""
     samples = []
-    for size in SIZES:
+    for size in COPY_SIZES:
         x = torch.zeros((world, size // world), dtype=torch.uint8)
         starts, lengths = list(reversed(range(world))), [1] * world
         t = _slowest_median_us(lambda x=x, s=starts, n=lengths: torch.ops.alltoall.gather_blocks(x, s, n), size, None)
@@ -196,7 +224,7 @@ def calibrate(topology: Topology, timeout) -> Calibration:
         samples = [s for s, (link, scope) in zip(samples, tagged, strict=True)
                    if scope == "rail" or link not in across]
     samples += _copy_samples(size)
-    fit = fit_all(samples, _thresholds(slots))
+    fit = fit_all(samples, _thresholds(slots, topology))
     default = {run.scope: run.link for run in slots if run is not None and run.transport == "default"}
     intra = default.get("node") or default.get("rail")
     inter = default.get("rail") or intra

@@ -6,7 +6,8 @@ the class, at the bandwidth of the protocol its message size selects (the
 shared-memory transport reads messages of at least
 ``ALLTOALL_SHM_SINGLE_COPY_BYTES`` straight from the sender; smaller ones go
 through a ring); every reorder pass costs one copy of the buffer at the copy
-rate. The terms add up: a rank runs its phases one after the other, and
+rate, the lower one once the buffer passes the copy's threshold (the
+job's buffers no longer fit the last-level cache). The terms add up: a rank runs its phases one after the other, and
 the model charges the messages of one phase in sequence too (alpha is the
 cost per message as measured in a whole exchange, with whatever overlap
 the transport achieves folded in). The prediction is piecewise linear in
@@ -114,7 +115,7 @@ def predict_plan(
 
     def copy(label: str, blocks: float) -> None:
         nbytes = blocks * block
-        costs.append(Cost(label, "copy", 1, nbytes, profile.copy.time_us(1, nbytes)))
+        costs.append(Cost(label, "copy", 1, nbytes, profile.copy.time_us(1, nbytes, nbytes)))
 
     if raw.algorithm == "coordinated":
         copy("take chunks", raw.num_blocks / raw.tp)
@@ -146,9 +147,14 @@ def breakpoints(raw: _C.ExchangePlan, profile: Profile) -> tuple[float, ...]:
     """The sizes (bytes per rank) at which ``raw``'s prediction may change
     slope: where a phase's messages reach the protocol threshold of a class
     of the profile (every class is considered, whichever the phase runs on:
-    a spare breakpoint only splits a line in two). Between two of them the
-    prediction is a straight line."""
+    a spare breakpoint only splits a line in two), and where a copy pass
+    reaches the copy's threshold. Between two of them the prediction is a
+    straight line."""
     out = {cost.large_bytes * raw.num_blocks / phase.blocks_per_peer
            for phase in raw.phases if phase.blocks_per_peer
            for cost in profile.links.values() if cost.large_bytes and cost.large_gbps is not None}
+    if profile.copy.large_bytes and profile.copy.large_gbps is not None:
+        passes = {len(p.pre_permutation) for p in raw.phases} | {len(raw.post_permutation), raw.num_blocks,
+                                                                  raw.num_blocks / raw.tp}
+        out |= {profile.copy.large_bytes * raw.num_blocks / blocks for blocks in passes if blocks}
     return tuple(sorted(out))
