@@ -29,8 +29,8 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     assert f"hash {profile.hash}" in cal.stdout and f"wrote profile: {path}" in cal.stdout
     fitted = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["shm"], ["tcp"], ["copy"])]
     # Fit lines for shm, tcp and copy; 7 sizes on the world, the node groups
-    # and the rail groups over both transports, and of copies.
-    assert len(fitted) == 3 + 3 * 2 * 7 + 7, cal.stdout
+    # and the rail groups over both transports, and 15 of copies (1 KiB to 16 MiB).
+    assert len(fitted) == 3 + 3 * 2 * 7 + 15, cal.stdout
     assert profile.fit is not None and 0 <= profile.fit["tcp"]["max_relative_error"]
 
     out = tmp_path / "run.json"
