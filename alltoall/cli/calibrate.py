@@ -153,9 +153,9 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
 def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None) -> float:
     """The slowest rank's mean microseconds per call, after the warm-up
     calls: the statistic the bench reports, so that predictions and the
-    bench's times mean the same thing. (The median was tried: it sits below
-    the bench's means; so was each call's slowest rank, averaged: it sits
-    far above them, as ranks reach a call at different times.)"""
+    bench's times mean the same thing. (Tried in loaded runs on one host:
+    the median predicted below the bench's means; each call's slowest rank,
+    averaged, far above them, as ranks reach a call at different times.)"""
     warmup, timed = _calls(size)
     for _ in range(warmup):
         call()
