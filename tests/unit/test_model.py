@@ -171,3 +171,27 @@ def test_profile_wide_phase_cost_is_refused():
     doc = {**PROFILE.to_json(), "phase_us": 5.0}
     with pytest.raises(ValueError, match="profile-wide phase_us is no longer read"):
         Profile.from_json(doc)
+
+
+def test_auto_follows_the_piecewise_prediction_across_thresholds():
+    # Shared memory 4x faster per byte from 16 KiB messages on: flat's
+    # messages (b/8) cross it at 128 KiB per rank, hierarchical's node and
+    # rail messages (b/4, b/2) at 64 and 32 KiB. The selector's lines must
+    # give the algorithm the full prediction ranks fastest, at every size
+    # around the breakpoints, not only at the ends.
+    from alltoall.ops.selection import ModelSelector
+    from alltoall.topology import Topology
+
+    shm = LinkCost(5.0, 0.5, phase_us=40.0, large_bytes=16384, large_gbps=2.0)
+    profile = Profile(links={"shm": shm}, copy=LinkCost(1.0, 100.0), intra_node="shm", inter_node="shm")
+    topology = Topology.emulate(8, 4, 0)
+    links = [{"flat": ("shm",), "hierarchical": ("shm", "shm")}] * 8
+    selector = ModelSelector(profile, topology, links, ("flat", "hierarchical"))
+    picks = set()
+    for size in sorted({int(b * f) for b in (8192, 32768, 65536, 131072, 1 << 20) for f in (0.5, 0.99, 1, 1.01, 2)}):
+        size -= size % 64  # a whole number of bytes per peer
+        full = selector.predict_us(size)
+        pick = selector.choose(size // 8)
+        assert full[pick] == pytest.approx(min(full.values()), rel=1e-9), (size, full, pick)
+        picks.add(pick)
+    assert picks == {"flat", "hierarchical"}  # hierarchical wins where only its messages are large
