@@ -81,22 +81,26 @@ def launcher_free_environment(extra: Mapping[str, str] | None = None) -> dict[st
     return env
 
 
-def _raise_exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    # A second SIGTERM ends the process at once, as it would have.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _unwind_on_sigterm() -> object | None:
-    """Makes SIGTERM raise SystemExit in the main thread, so ``close`` runs
-    (``with`` blocks and ``finally`` unwind) when a run is terminated, e.g. a
-    test session stopped with ``kill``: without it Python dies at once and
-    the namespaces' processes run on. Returns the handler to restore, or None
-    where nothing was changed (not the main thread, or a handler of the
-    caller's own is installed)."""
+    """Makes SIGTERM raise KeyboardInterrupt in the main thread, so ``close``
+    runs (``with`` blocks and ``finally`` unwind) when a run is terminated,
+    e.g. a test session stopped with ``kill``: without it Python dies at
+    once and the namespaces' processes run on. KeyboardInterrupt rather than
+    SystemExit because pytest records SystemExit as one failed test and goes
+    on, while it stops the session on KeyboardInterrupt. Returns the handler
+    to restore, or None where nothing was changed (not the main thread, or a
+    handler of the caller's own is installed)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
-    return signal.signal(signal.SIGTERM, _raise_exit_on_sigterm)
+    return signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
 
 def _tail(text: str, lines: int = 40) -> str:
