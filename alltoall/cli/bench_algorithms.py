@@ -57,6 +57,8 @@ class Algorithm:
         build: makes the exchange; may be collective (every rank calls it).
         workload: its own input and expected output, when they are not the
             default hashed per-rank buffers.
+        in_all: whether ``--algorithms all`` includes it ("auto" is always
+            one of flat and hierarchical, so it runs only when named).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Algorithm:
     unavailable: Callable[[BenchContext], str | None]
     build: Callable[[BenchContext], Exchange]
     workload: Workload | None = None
+    in_all: bool = True  # part of --algorithms all
 
 
 # Our algorithms, through the public Communicator API --------------------------
@@ -205,11 +208,14 @@ REGISTRY: dict[str, Algorithm] = {
     for a in (
         Algorithm("flat", 'Communicator.all_to_all / all_to_all_v, algorithm="flat"',
                   _always, _communicator_exchange("flat")),
+        Algorithm("auto", 'Communicator.all_to_all / all_to_all_v, algorithm="auto"',
+                  _always, _communicator_exchange("auto"), in_all=False),
         Algorithm("hierarchical", 'Communicator.all_to_all / all_to_all_v, algorithm="hierarchical"',
                   _hierarchical_unavailable, _communicator_exchange("hierarchical")),
         Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
                   _coordinated_unavailable, _coordinated_build, _coordinated_workload),
-        Algorithm("torch", "torch.distributed.all_to_all_single (baseline)", _always, _torch_build),
+        Algorithm("torch", "torch.distributed.all_to_all_single (baseline; through our plans when --backend "
+                  "alltoall)", _always, _torch_build),
         Algorithm("mpi", "mpi4py Comm.Alltoall / Alltoallv on host bytes", _mpi_unavailable, _mpi_build),
     )
 }
@@ -218,7 +224,7 @@ REGISTRY: dict[str, Algorithm] = {
 def parse_algorithms(text: str) -> list[str]:
     """Names from a comma-separated list, or 'all', in the order given."""
     if text == "all":
-        return list(REGISTRY)
+        return [name for name, a in REGISTRY.items() if a.in_all]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:

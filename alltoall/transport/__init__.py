@@ -9,9 +9,10 @@ from alltoall.transport.choice import (
     link_class,
     make_transport,
     resolve_transport,
+    transport_kind,
 )
 from alltoall.transport.process_group import DEFAULT_TIMEOUT, TIMEOUT_ENV, GroupRef, new_subgroup, resolve_timeout
-from alltoall.transport.shm import ShmOptions
+from alltoall.transport.shm import ShmMembers, ShmOptions, create_shm_transport, store_agreement
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -20,10 +21,14 @@ __all__ = [
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "GroupRef",
+    "ShmMembers",
     "ShmOptions",
+    "create_shm_transport",
     "link_class",
     "make_transport",
     "new_subgroup",
     "resolve_timeout",
     "resolve_transport",
+    "store_agreement",
+    "transport_kind",
 ]

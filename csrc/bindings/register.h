@@ -8,5 +8,6 @@ void register_plan(pybind11::module_& m);
 void register_transport(pybind11::module_& m);
 void register_exchanger(pybind11::module_& m);
 void register_build_info(pybind11::module_& m);
+void register_backend(pybind11::module_& m);
 
 }  // namespace alltoall::bindings

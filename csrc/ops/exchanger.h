@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -14,6 +16,14 @@
 #include "transport/transport.h"
 
 namespace alltoall::ops {
+
+// What one phase of an Exchanger has carried since it was built: data calls
+// (count exchanges excluded) and the payload bytes this rank sent to other
+// ranks (its block to itself excluded).
+struct PhaseTraffic {
+  uint64_t calls = 0;
+  uint64_t bytes = 0;
+};
 
 class Exchanger {
  public:
@@ -25,19 +35,43 @@ class Exchanger {
   // group rank d. Returns what all_to_all_single returns: block s from rank s.
   at::Tensor all_to_all(const at::Tensor& input) const;
 
+  // The same into `output` (the input's dtype and shape). The last phase
+  // receives straight into it when it is contiguous, does not overlap the
+  // input and no reorder follows; otherwise the result is copied in.
+  void all_to_all_into(const at::Tensor& input, at::Tensor& output) const;
+
   // Uneven splits in rows of dim 0. When output_splits is not given, the
   // counts are exchanged with the data. Returns the output and its splits.
   std::pair<at::Tensor, std::vector<int64_t>> all_to_all_v(
       const at::Tensor& input, const std::vector<int64_t>& input_splits,
       const std::optional<std::vector<int64_t>>& output_splits) const;
 
+  // The same into `output` ([sum(output_splits), *], the input's dtype and
+  // trailing shape), under the same conditions as all_to_all_into.
+  void all_to_all_v_into(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                         const std::vector<int64_t>& output_splits, at::Tensor& output) const;
+
   const plan::ExchangePlan& plan() const { return plan_; }
+  const std::vector<std::shared_ptr<transport::Transport>>& transports() const { return transports_; }
+  std::vector<PhaseTraffic> traffic() const;
 
  private:
+  struct Counter {
+    std::atomic<uint64_t> calls{0};
+    std::atomic<uint64_t> bytes{0};
+  };
+
   std::string step_name(size_t phase, const char* what) const;
+  // Both variants; `out` is the destination's byte rows, or undefined.
+  at::Tensor run_equal(const at::Tensor& source, const at::Tensor& out) const;
+  std::pair<at::Tensor, std::vector<int64_t>> run_v(const at::Tensor& source, const std::vector<int64_t>& input_splits,
+                                                    const std::optional<std::vector<int64_t>>& output_splits,
+                                                    const at::Tensor& out) const;
+  void count(size_t phase, int64_t bytes_to_others) const;
 
   plan::ExchangePlan plan_;
   std::vector<std::shared_ptr<transport::Transport>> transports_;
+  std::unique_ptr<Counter[]> counters_;
 };
 
 }  // namespace alltoall::ops
