@@ -126,7 +126,10 @@ def _rank_main(rank: int, store_path: str, transport: str, results: mp.Queue) ->
     except Exception:
         results.put((rank, traceback.format_exc(), time.monotonic()))
     finally:
-        # No destroy_process_group: a backend waiting on a dead peer is what is tested.
+        # Flush the queue's feeder thread, then leave without destroy_process_group:
+        # a backend waiting on a dead peer is what is tested.
+        results.close()
+        results.join_thread()
         os._exit(0)
 
 
