@@ -1,4 +1,5 @@
-# make test   set up .venv, build, run the whole suite
+# make test   set up .venv, build, run the whole suite (GPU tests skip, saying why)
+# make test-gpu  on a machine with an NVIDIA GPU: CUDA build in .venv-gpu, the GPU tests (docs/gpu.md)
 # make bench  set up .venv, build, run the benchmark demo
 # A second run reuses .venv and rebuilds only when csrc/ or setup.py changed.
 
@@ -9,7 +10,7 @@ TORCH  := torch==2.13.0
 BUILT  := $(VENV)/.alltoall-built
 SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: test bench bench-mpi install lint cuda-check clean
+.PHONY: test test-gpu bench bench-mpi install lint cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,7 @@ test: $(BUILT)
 # the algorithms. Results go to bench/results/ (git-ignored). bench-mpi runs
 # the same sweep under MPICH's mpiexec, which adds mpi4py's Alltoall.
 BENCH_OUT  := bench/results
-BENCH_SWEEP ?= --local-size 4 --tp 2 -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
+BENCH_SWEEP ?= --local-size 4 --tp 2 --transports auto,c10d -b 1K -e 4M -f 2 -n 100 -w 10 -R 10
 
 bench: $(BUILT)
 	@mkdir -p $(BENCH_OUT)
@@ -49,6 +50,10 @@ lint: $(BUILT)
 
 cuda-check:
 	.ci/cuda_build_check
+
+# No dependency on .venv: it checks for a GPU before installing anything.
+test-gpu:
+	.ci/test_gpu
 
 clean:
 	rm -rf build *.egg-info alltoall/_C*.so

@@ -71,6 +71,7 @@ setup(
     version="0.1.0",
     description="All-to-all collectives for Mixture-of-Experts expert parallelism",
     packages=find_packages(include=["alltoall", "alltoall.*"]),
+    package_data={"alltoall.plan.profiles": ["*.json"]},
     python_requires=">=3.11",
     install_requires=["torch>=2.13", "numpy"],
     extras_require={
@@ -89,6 +90,7 @@ setup(
         "console_scripts": [
             "alltoall-info=alltoall.cli.info:main",
             "alltoall-bench=alltoall.cli.bench:main",
+            "alltoall-model=alltoall.cli.model:main",
         ]
     },
 )

@@ -10,6 +10,11 @@ Exit status: 0, or 3 when any element was wrong (1 on errors, 2 on bad flags).
   torchrun --nproc-per-node 4 -m alltoall.bench -b 1K -e 1M --json out.json
   mpiexec -n 4 python -m alltoall.bench --algorithms flat,torch,mpi
   alltoall-bench --nprocs 8 --local-size 4 --backend alltoall --algorithms torch,auto
+  alltoall-bench --nprocs 8 --calibrate          # fit a cost profile for "auto"
+
+With a cost profile (--profile, ALLTOALL_PROFILE, or the file --calibrate
+writes), a model section follows the tables: predicted against measured
+time per algorithm and size, and what "auto" picked.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import torch
 import torch.distributed as dist
 
 import alltoall
+import alltoall.transport
 from alltoall.backend import BACKEND_NAME
-from alltoall.cli import bench_algorithms, bench_report, bench_traffic
+from alltoall.cli import bench_algorithms, bench_model, bench_report, bench_traffic, calibrate
 from alltoall.cli.bench_launch import launched_by_self, self_launch
 from alltoall.cli.bench_run import SweepOptions, sweep
 from alltoall.cli.info import build_lines
 from alltoall.launch import LaunchInfo, detect_launcher, init_distributed
+from alltoall.plan import profile as profiles
 from alltoall.topology import LOCAL_SIZE_ENV
 
 EXIT_WRONG = 3
@@ -58,6 +65,15 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _parse_transports(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in alltoall.transport.TRANSPORTS]
+    if unknown or not names:
+        raise ValueError(f"{text!r}: unknown {unknown or 'empty list'}; choose from "
+                         f"{', '.join(alltoall.transport.TRANSPORTS)}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alltoall-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,11 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--datatype", type=_typed(bench_traffic.parse_dtype, "dtype"), default="float",
                    help=f"element type: {', '.join(bench_traffic.DTYPES)} (default float)")
     p.add_argument("--algorithms", type=_typed(bench_algorithms.parse_algorithms, "algorithms"), default="all",
-                   help=f"comma-separated, from {','.join(bench_algorithms.REGISTRY)} (default all); "
-                        "those that cannot run here are skipped with the reason")
+                   help=f"comma-separated, from {','.join(bench_algorithms.REGISTRY)} (default all: every one "
+                        "but auto); those that cannot run here are skipped with the reason")
     p.add_argument("--splits", type=_typed(bench_traffic.parse_splits, "splits"), default="uniform",
                    help="uniform, zipf:ALPHA (skewed, MoE-like) or a file of n x n weights; "
                         "uneven splits time the all_to_all_v variants")
+    p.add_argument("--transports", type=_typed(_parse_transports, "transports"), default="auto",
+                   help="comma-separated transports for our algorithms: auto, shm, c10d (default auto); "
+                        "the first keeps the plain names, the others add a suffix (flat-c10d)")
     p.add_argument("--tp", type=_typed(_positive, "tp"), default=1,
                    help="tensor-parallel degree for the coordinated algorithm (default 1)")
     p.add_argument("--local-size", type=_typed(_positive, "local size"), default=None,
@@ -102,7 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="plot busbw and latency against size (needs matplotlib)")
     p.add_argument("--table", metavar="FILE", help="also write the printed table to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    p.add_argument("--profile", metavar="FILE|NAME",
+                   help=f"cost profile for auto and the model section (sets {profiles.PROFILE_ENV}; a file, "
+                        f"or a shipped name: {', '.join(profiles.shipped_names())}); with --calibrate, where "
+                        f"to write it (default {profiles.PROFILE_ENV}, else {profiles.default_path()})")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead of the sweep, fit a cost profile (alpha and bandwidth per link class, copy "
+                        "rate) from short timed exchanges, print the fit and its error, and write it")
     return p
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_world(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
@@ -120,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.plot and not _have_matplotlib():
+        print("alltoall-bench: --plot needs matplotlib, which is not installed: pip install 'alltoall[bench]'",
+              file=sys.stderr)
+        return 2
+    if args.profile:
+        os.environ[profiles.PROFILE_ENV] = args.profile  # the ranks (self-launched too) inherit it
     launcher = detect_launcher()
     if launcher is None:
         if args.nprocs is None:
@@ -151,10 +191,15 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    comm = alltoall.Communicator(local_size=args.local_size)
+    if args.calibrate:
+        topology = alltoall.Topology.detect(None, local_size=args.local_size)
+        return calibrate.run(topology, None)
+    # One Communicator per transport, created in the same order everywhere.
+    comms = {t: alltoall.Communicator(local_size=args.local_size, transport=t) for t in args.transports}
+    comm = comms[args.transports[0]]
     launcher = "self" if launched_by_self() else launch.launcher
-    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform)
-    runners, skipped = bench_algorithms.prepare(args.algorithms, ctx)
+    ctx = bench_algorithms.BenchContext(comm, launcher, launch.backend, device, args.tp, args.splits.uniform, comms)
+    runners, skipped, descriptions = bench_algorithms.prepare(args.algorithms, ctx)
     dtype_name, dtype = args.datatype
     element_size = torch.empty((), dtype=dtype).element_size()
     sizes = bench_traffic.size_sweep(args.minbytes, args.maxbytes, args.stepfactor, comm.size, element_size)
@@ -162,17 +207,18 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     run = bench_report.BenchRun(
         argv=["alltoall-bench", *argv], world_size=comm.size, launcher=launcher, backend=launch.backend,
         device=str(device), topology=comm.topology.describe(), local_size=args.local_size, tp=args.tp,
-        build=build_lines(), dtype=dtype_name, element_size=element_size, splits=args.splits.text,
+        build=build_lines(machine=False), dtype=dtype_name, element_size=element_size, splits=args.splits.text,
         receive_imbalance=bench_traffic.receive_imbalance(biggest), iterations=args.iters, rounds=args.rounds,
         warmup=args.warmup_iters, checks=args.check, seed=args.seed,
         threads=torch.get_num_threads() if device.type == "cpu" else 0,
-        algorithms={name: bench_algorithms.REGISTRY[name].description for name in runners}, skipped=skipped)
+        algorithms=descriptions, skipped=skipped)
     leader = comm.rank == 0
     if leader:
         print("\n".join(bench_report.header_lines(run)), flush=True)
     opts = SweepOptions(sizes, dtype_name, dtype, args.iters, args.warmup_iters, args.check, args.seed,
                         args.rounds, args.splits)
     run.rows = sweep(ctx, runners, opts, show_progress=not args.no_progress)
+    run.model = bench_model.evaluate(comms, sizes, element_size, args.splits.uniform)
     if leader:
         _report(run, args)
     return EXIT_WRONG if run.wrong_total else 0

@@ -7,12 +7,16 @@ order. Our algorithms go through the public API only; ``torch`` and ``mpi``
 are the baselines users compare with.
 
 To add an algorithm, add one ``Algorithm`` to ``REGISTRY``.
+
+Our algorithms run once per transport of ``--transports``: the default
+transport's runs keep the plain name ("flat"), the others get it as a suffix
+("flat-c10d"), so one table shows the transports side by side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -36,6 +40,8 @@ class BenchContext:
     device: torch.device
     tp: int
     uniform_splits: bool = True
+    # One Communicator per transport of --transports, the first is ``comm``.
+    comms: dict[str, alltoall.Communicator] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -57,8 +63,14 @@ class Algorithm:
         build: makes the exchange; may be collective (every rank calls it).
         workload: its own input and expected output, when they are not the
             default hashed per-rank buffers.
-        in_all: whether ``--algorithms all`` includes it ("auto" is always
-            one of flat and hierarchical, so it runs only when named).
+        per_transport: runs once per transport (ours); the context's
+            ``comm`` is then that transport's Communicator.
+        isolated: timed in a phase of its own, all rounds back to back after
+            its own barrier, never interleaved with the others (see
+            ``barrier``).
+        barrier: what lines the ranks up before its timed calls, when the
+            process group's barrier would not (MPI's own).
+        transports: what carries each phase, for the header and the JSON.
     """
 
     name: str
@@ -66,7 +78,10 @@ class Algorithm:
     unavailable: Callable[[BenchContext], str | None]
     build: Callable[[BenchContext], Exchange]
     workload: Workload | None = None
-    in_all: bool = True  # part of --algorithms all
+    per_transport: bool = False
+    isolated: bool = False
+    barrier: Callable[[], None] | None = None
+    transports: Callable[[BenchContext], str] | None = None
 
 
 # Our algorithms, through the public Communicator API --------------------------
@@ -119,7 +134,8 @@ def _coordinated_unavailable(ctx: BenchContext) -> str | None:
 
 
 def _coordinated_build(ctx: BenchContext) -> Exchange:
-    groups = alltoall.ParallelGroups(tp=ctx.tp, topology=ctx.comm.topology, timeout=ctx.comm.timeout)
+    groups = alltoall.ParallelGroups(tp=ctx.tp, topology=ctx.comm.topology, timeout=ctx.comm.timeout,
+                                     transport=ctx.comm.transport)
 
     def exchange(x: torch.Tensor, send: list[int], recv: list[int], uniform: bool) -> torch.Tensor:
         return groups.coordinated_all_to_all(x)
@@ -177,6 +193,10 @@ def _mpi_unavailable(ctx: BenchContext) -> str | None:
     return None
 
 
+def _mpi_barrier() -> None:
+    _mpi_world().COMM_WORLD.Barrier()
+
+
 def _mpi_build(_ctx: BenchContext) -> Exchange:
     mpi = _mpi_world()
     world = mpi.COMM_WORLD
@@ -203,28 +223,62 @@ def _mpi_build(_ctx: BenchContext) -> Exchange:
     return exchange
 
 
+def _phases_of(algorithm: str) -> Callable[[BenchContext], str]:
+    def phases(ctx: BenchContext) -> str:
+        return "phases over " + ", ".join(ctx.comm.transports(algorithm))
+
+    return phases
+
+
+def _auto_phases(ctx: BenchContext) -> str:
+    return "; ".join(f"{a} phases over " + ", ".join(ctx.comm.transports(a)) for a in ("flat", "hierarchical")
+                     if a == "flat" or ctx.comm.topology.uniform)
+
+
+def _coordinated_phases(ctx: BenchContext) -> str:
+    kinds = ", ".join(ctx.comm.transports("auto"))
+    return f"EP phases over {kinds}, TP all-gather like the EP phases"
+
+
+def _torch_phases(ctx: BenchContext) -> str:
+    return f"over the process group's backend ({ctx.backend})"
+
+
 REGISTRY: dict[str, Algorithm] = {
     a.name: a
     for a in (
         Algorithm("flat", 'Communicator.all_to_all / all_to_all_v, algorithm="flat"',
-                  _always, _communicator_exchange("flat")),
-        Algorithm("auto", 'Communicator.all_to_all / all_to_all_v, algorithm="auto"',
-                  _always, _communicator_exchange("auto"), in_all=False),
+                  _always, _communicator_exchange("flat"), per_transport=True, transports=_phases_of("flat")),
         Algorithm("hierarchical", 'Communicator.all_to_all / all_to_all_v, algorithm="hierarchical"',
-                  _hierarchical_unavailable, _communicator_exchange("hierarchical")),
+                  _hierarchical_unavailable, _communicator_exchange("hierarchical"), per_transport=True,
+                  transports=_phases_of("hierarchical")),
+        Algorithm("auto", 'Communicator.all_to_all / all_to_all_v, algorithm="auto" (its picks follow the tables)',
+                  _always, _communicator_exchange("auto"), per_transport=True, transports=_auto_phases),
         Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
-                  _coordinated_unavailable, _coordinated_build, _coordinated_workload),
-        Algorithm("torch", "torch.distributed.all_to_all_single (baseline; through our plans when --backend "
-                  "alltoall)", _always, _torch_build),
-        Algorithm("mpi", "mpi4py Comm.Alltoall / Alltoallv on host bytes", _mpi_unavailable, _mpi_build),
+                  _coordinated_unavailable, _coordinated_build, _coordinated_workload, per_transport=True,
+                  transports=_coordinated_phases),
+        Algorithm("torch", "torch.distributed.all_to_all_single (baseline; through our plans under --backend "
+                  "alltoall)", _always, _torch_build, transports=_torch_phases),
+        Algorithm("mpi", "mpi4py Comm.Alltoall / Alltoallv on host bytes, timed in a phase of its own",
+                  _mpi_unavailable, _mpi_build, isolated=True, barrier=_mpi_barrier),
     )
 }
 
 
+# "auto" runs one of the others; "all" leaves it out (its picks are listed anyway).
+NOT_IN_ALL = ("auto",)
+
+
+def base_name(runner: str) -> str:
+    """The registry name of a runner: "flat-c10d" -> "flat"."""
+    return runner.split("-", 1)[0]
+
+
 def parse_algorithms(text: str) -> list[str]:
-    """Names from a comma-separated list, or 'all', in the order given."""
+    """Names from a comma-separated list, or 'all' (every one but "auto"), in
+    the order given."""
     if text == "all":
-        return [name for name, a in REGISTRY.items() if a.in_all]
+        return [name for name in REGISTRY if name not in NOT_IN_ALL]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:
@@ -233,22 +287,47 @@ def parse_algorithms(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def prepare(names: list[str], ctx: BenchContext) -> tuple[dict[str, Exchange], dict[str, str]]:
-    """The exchanges that run, and the reasons for the others.
+def runner_contexts(names: list[str], ctx: BenchContext) -> dict[str, BenchContext]:
+    """Every runner's name and its context: ours once per transport in
+    ``ctx.comms`` (the first keeps the plain name), the baselines once."""
+    out: dict[str, BenchContext] = {}
+    transports = list(ctx.comms) or [ctx.comm.transport]
+    for name in names:
+        if not REGISTRY[name].per_transport:
+            out[name] = ctx
+            continue
+        for i, transport in enumerate(transports):
+            comm = ctx.comms.get(transport, ctx.comm)
+            out[name if i == 0 else f"{name}-{transport}"] = replace(ctx, comm=comm)
+    return out
+
+
+def describe(runner: str, ctx: BenchContext) -> str:
+    """The runner's description with what carries its phases."""
+    entry = REGISTRY[base_name(runner)]
+    return entry.description + (f"; {entry.transports(ctx)}" if entry.transports else "")
+
+
+def prepare(names: list[str], ctx: BenchContext) -> tuple[dict[str, Exchange], dict[str, str], dict[str, str]]:
+    """The exchanges that run, the reasons for the others, and descriptions.
 
     Collective: the ranks agree (an all-reduce) on which algorithms every
     one of them can run, so no rank enters a collective the others skip.
     """
-    reasons = {name: REGISTRY[name].unavailable(ctx) for name in names}
-    ok = torch.tensor([0 if reasons[n] else 1 for n in names], dtype=torch.int32, device=ctx.device)
+    contexts = runner_contexts(names, ctx)
+    runner_names = list(contexts)
+    reasons = {name: REGISTRY[base_name(name)].unavailable(contexts[name]) for name in runner_names}
+    ok = torch.tensor([0 if reasons[n] else 1 for n in runner_names], dtype=torch.int32, device=ctx.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.comm.group)
     skipped: dict[str, str] = {}
     runners: dict[str, Exchange] = {}
-    for name, everywhere in zip(names, ok.tolist(), strict=True):
+    descriptions: dict[str, str] = {}
+    for name, everywhere in zip(runner_names, ok.tolist(), strict=True):
         if reasons[name]:
             skipped[name] = reasons[name]  # type: ignore[assignment]
         elif not everywhere:
             skipped[name] = "unavailable on some ranks"
         else:
-            runners[name] = REGISTRY[name].build(ctx)
-    return runners, skipped
+            runners[name] = REGISTRY[base_name(name)].build(contexts[name])
+            descriptions[name] = describe(name, contexts[name])
+    return runners, skipped, descriptions

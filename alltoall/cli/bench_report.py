@@ -11,6 +11,8 @@ import csv
 import json
 from dataclasses import dataclass, field
 
+from alltoall.cli.bench_model import ModelSection
+from alltoall.cli.bench_model import lines as model_lines
 from alltoall.cli.bench_run import Measurement
 
 SCHEMA_ID = "alltoall-bench/1"
@@ -46,6 +48,7 @@ class BenchRun:
     algorithms: dict[str, str]  # name -> description, for those that ran
     skipped: dict[str, str]  # name -> reason
     rows: list[Measurement] = field(default_factory=list)
+    model: ModelSection | None = None
 
     def rows_of(self, algorithm: str) -> list[Measurement]:
         return [r for r in self.rows if r.algorithm == algorithm]
@@ -109,13 +112,13 @@ def table_lines(run: BenchRun, algorithm: str) -> list[str]:
 def summary_lines(run: BenchRun) -> list[str]:
     lines = ["#", "# Summary", "# Avg bus bandwidth (GB/s):"]
     for name in run.algorithms:
-        lines.append(f"#   {name:<14} {run.average_busbw(name):.4f}")
+        lines.append(f"#   {name:<18} {run.average_busbw(name):.4f}")
     speedups = run.speedups()
     if speedups:
         names = [n for n in run.algorithms if n != BASELINE]
         lines.append(f"# Speed-up against {BASELINE} (time of {BASELINE} / time; > 1 is faster), "
                      f"and time minus {BASELINE}'s (us):")
-        lines.append("#" + f"{'size (B)':>11}" + "".join(f"  {n:>14}" for n in names))
+        lines.append("#" + f"{'size (B)':>11}" + "".join(f"  {n:>18}" for n in names))
         base = {r.size: r.time_us for r in run.rows_of(BASELINE)}
         for size in run.sizes:
             cells = []
@@ -123,9 +126,9 @@ def summary_lines(run: BenchRun) -> list[str]:
                 ratio = speedups[name].get(size)
                 row = next((r for r in run.rows_of(name) if r.size == size), None)
                 if ratio is None or row is None:
-                    cells.append(f"  {'-':>14}")
+                    cells.append(f"  {'-':>18}")
                 else:
-                    cells.append(f"  {f'{ratio:.3f}x {row.time_us - base[size]:+.0f}':>14}")
+                    cells.append(f"  {f'{ratio:.3f}x {row.time_us - base[size]:+.0f}':>18}")
             lines.append(f"#{size:>11}" + "".join(cells))
     else:
         lines.append(f"# No speed-ups: the baseline '{BASELINE}' did not run.")
@@ -143,6 +146,8 @@ def report_text(run: BenchRun) -> str:
     for name in run.algorithms:
         lines += table_lines(run, name)
     lines += summary_lines(run)
+    if run.model is not None:
+        lines += model_lines(run.model, run.rows)
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +187,7 @@ def to_json(run: BenchRun) -> dict:
             for name, reason in run.skipped.items()
         ],
         "wrong_total": run.wrong_total if any(r.wrong is not None for r in run.rows) else None,
+        **({"model": run.model.to_json(run.rows)} if run.model is not None else {}),
     }
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall.cli import bench_check
-from alltoall.cli.bench_algorithms import REGISTRY, BenchContext, Exchange
+from alltoall.cli.bench_algorithms import REGISTRY, BenchContext, Exchange, base_name
 from alltoall.cli.bench_traffic import SplitsSpec, traffic_matrix
 
 
@@ -120,6 +120,10 @@ def measure_size(ctx: BenchContext, runners: dict[str, Exchange], workloads: Wor
     The timed calls are split into ``opts.rounds`` rounds; each round runs
     every algorithm once, starting one further along the list than the last,
     so each algorithm sees the same share of the machine's slow drifts.
+    Isolated algorithms (MPI) run all their rounds in a phase of their own,
+    after their own barrier: MPICH busy-polls, and a rank released late by
+    another library's barrier makes its peers spin away whole time slices
+    when ranks outnumber cores, which is not how its users see it.
     """
     uniform = opts.splits.uniform
     names = list(runners)
@@ -128,11 +132,22 @@ def measure_size(ctx: BenchContext, runners: dict[str, Exchange], workloads: Wor
         for _ in range(opts.warmup):
             calls[name]()
     seconds = dict.fromkeys(names, 0.0)
-    for r, count in enumerate(_round_sizes(opts.iterations, opts.rounds) if opts.iterations else []):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
+    rounds = _round_sizes(opts.iterations, opts.rounds) if opts.iterations else []
+    isolated = [n for n in names if REGISTRY[base_name(n)].isolated]
+    shared = [n for n in names if n not in isolated]
+    for r, count in enumerate(rounds):
+        for k in range(len(shared)):
+            name = shared[(r + k) % len(shared)]
             _synchronize(ctx.device)
             dist.barrier(group=ctx.comm.group)
+            seconds[name] += _time_calls(calls[name], count, ctx.device) * count
+    for name in isolated:
+        barrier = REGISTRY[base_name(name)].barrier
+        for count in rounds:
+            _synchronize(ctx.device)
+            dist.barrier(group=ctx.comm.group)
+            if barrier is not None:
+                barrier()
             seconds[name] += _time_calls(calls[name], count, ctx.device) * count
     corrupted = bench_check.corrupted_algorithm()
     results = {}
@@ -180,7 +195,7 @@ def sweep(ctx: BenchContext, runners: dict[str, Exchange], opts: SweepOptions,
                 expected = bench_check.expected_output(opts.seed, rank, matrix, opts.dtype, ctx.device)
             workloads: Workloads = {}
             for name in runners:
-                custom = REGISTRY[name].workload
+                custom = REGISTRY[base_name(name)].workload
                 workloads[name] = custom(ctx, opts.seed, matrix, opts.dtype) if custom else (x, expected)
             progress.step(f"{size} B")
             for name, (seconds, wrong) in measure_size(ctx, runners, workloads, send, recv, opts).items():

@@ -17,9 +17,12 @@ from alltoall.backend import BACKEND_NAME, is_registered
 from alltoall.launch import detect_launcher, init_distributed
 
 
-def build_lines() -> list[str]:
+def build_lines(machine: bool = True) -> list[str]:
+    """The package, its build, torch, python. ``machine=False`` leaves out
+    where it is installed and the host name (for reports that get shared)."""
     info = _C.build_info()
-    lines = [f"alltoall {alltoall.__version__} ({os.path.dirname(alltoall.__file__)})"]
+    where = f" ({os.path.dirname(alltoall.__file__)})" if machine else ""
+    lines = [f"alltoall {alltoall.__version__}{where}"]
     if info["cuda"]:
         runtime = info.get("nccl_runtime")
         nccl = ".".join(map(str, info["nccl_headers"]))
@@ -33,13 +36,30 @@ def build_lines() -> list[str]:
     state = "registered" if is_registered() else "NOT registered"
     lines.append(f"torch.distributed backend '{BACKEND_NAME}': {state} (init_process_group(\"{BACKEND_NAME}\"); "
                  f"devices cpu, cuda)")
-    lines.append(f"python {platform.python_version()} on {platform.node()} ({platform.machine()})")
+    host = f" on {platform.node()}" if machine else ""
+    lines.append(f"python {platform.python_version()}{host} ({platform.machine()})")
+    return lines
+
+
+def transport_lines(comm: alltoall.Communicator) -> list[str]:
+    """What carries each phase of each algorithm, as rank 0 sees it."""
+    lines = [f"transport: {comm.transport} (ALLTOALL_TRANSPORT; shm inside a host, c10d between hosts)"]
+    for algorithm in ("flat", "hierarchical"):
+        try:
+            phases = comm.exchanger(algorithm).plan.phases
+        except (KeyError, ValueError) as error:
+            lines.append(f"  {algorithm}: not available ({error})")
+            continue
+        described = [f"{p.role} over {kind} ({link})"
+                     for p, kind, link in zip(phases, comm.transports(algorithm), comm.links(algorithm), strict=True)]
+        lines.append(f"  {algorithm}: " + ("; ".join(described) or "no phase (one rank)"))
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alltoall-info", description=__doc__)
     parser.add_argument("--local-size", type=int, default=None, help="emulate nodes of this many ranks")
+    parser.add_argument("--transport", default=None, help="auto, shm or c10d (default ALLTOALL_TRANSPORT, else auto)")
     args = parser.parse_args(argv)
     if detect_launcher() is None:
         print("\n".join(build_lines()))
@@ -47,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     launch = init_distributed()
     try:
-        comm = alltoall.Communicator(local_size=args.local_size)
+        comm = alltoall.Communicator(local_size=args.local_size, transport=args.transport)
         topo = comm.topology
         if dist.get_rank() == 0:
             print("\n".join(build_lines()))
@@ -56,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             for node in range(topo.num_nodes):
                 host = topo.hostnames[topo.ranks_of_node(node)[0]] if topo.hostnames else "emulated"
                 print(f"  node {node} ({host}): ranks {list(topo.ranks_of_node(node))}")
+            for line in transport_lines(comm):
+                print(line)
     finally:
         dist.destroy_process_group()
     return 0

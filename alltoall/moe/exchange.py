@@ -29,12 +29,16 @@ from the counts.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+from torch.profiler import record_function
 
 from alltoall.moe.dispatch import Routing
 from alltoall.moe.experts import LocalExperts
+from alltoall.moe.pipeline import Pipeline, _chunk_pieces, check_overlap_degree, counts_matrix, transposed
 from alltoall.ops import Communicator, ParallelGroups
 from alltoall.ops.coordinated import Chunking
+
+# The profiler event around the experts' forward (bench/moe_timeline.py).
+EXPERTS_EVENT = "alltoall.moe.experts forward"
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -55,16 +59,7 @@ class _GatherBlocks(torch.autograd.Function):
 def transpose_blocks(x: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
     """Rows stored as blocks ``counts[a][b]`` in (a, b) order, returned in
     (b, a) order. Differentiable."""
-    outer, inner = len(counts), len(counts[0]) if counts else 0
-    offsets, running = [], 0
-    for a in range(outer):
-        offsets.append([])
-        for b in range(inner):
-            offsets[a].append(running)
-            running += counts[a][b]
-    starts = [offsets[a][b] for b in range(inner) for a in range(outer)]
-    sizes = [counts[a][b] for b in range(inner) for a in range(outer)]
-    return _GatherBlocks.apply(x, starts, sizes)
+    return _GatherBlocks.apply(x, *transposed(counts))
 
 
 class ExpertExchange:
@@ -76,10 +71,13 @@ class ExpertExchange:
         num_experts: E, divisible by the EP size.
         algorithm: "auto", "flat" or "hierarchical", for every exchange.
         groups: TP x EP groups; with tp > 1 the coordinated exchange runs.
+        overlap_degree: N; above 1 the rows go in N chunks whose exchanges
+            overlap the experts (alltoall.moe.pipeline).
     """
 
     def __init__(self, comm: Communicator | None, num_experts: int, algorithm: str,
-                 groups: ParallelGroups | None = None) -> None:
+                 groups: ParallelGroups | None = None, overlap_degree: int = 1) -> None:
+        self.overlap_degree = check_overlap_degree(overlap_degree)
         self.groups = groups if groups is not None and groups.tp > 1 else None
         if groups is not None:
             comm = groups.ep_comm
@@ -97,12 +95,12 @@ class ExpertExchange:
     def check_equal_tokens(self, tokens: int, device: torch.device) -> None:
         """Raises ValueError on every rank when the EP ranks hold different
         token counts, which the padded (equal) exchange cannot carry. Costs
-        one all-reduce of two integers."""
+        one exchange of one integer per peer over the EP Communicator's own
+        transport (shared memory on one host), not the process group's."""
         if self.comm is None or self.ep == 1:
             return
-        bounds = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
-        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.comm.group)
-        most, least = int(bounds[0]), -int(bounds[1])
+        counts = self.comm.all_to_all(torch.full((self.ep,), tokens, dtype=torch.int64, device=device), "flat")
+        most, least = int(counts.max()), int(counts.min())
         if most != least:
             raise ValueError(
                 f"MoE(drop_tokens=True) needs the same number of tokens on every rank of the expert-parallel "
@@ -135,29 +133,50 @@ class ExpertExchange:
     def run(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
         """The dispatch buffer ``[R, M]`` through the owning experts; returns
         the experts' outputs in the same ``[R, M]`` layout."""
+        if self.overlap_degree > 1:
+            return self._run_pipelined(rows, routing, experts)
         if self.groups is not None:
             return self._run_coordinated(rows, routing, experts)
         if routing.capacity is None:
             return self._run_dropless(rows, routing, experts)
         return self._run_padded(rows, routing.capacity, experts)
 
+    def _received_counts(self, routing: Routing) -> list[list[int]]:
+        """``[source EP rank][local expert]`` rows that arrive here (dropless):
+        one equal all-to-all of the E counts."""
+        if self.comm is None or self.ep == 1:
+            return counts_matrix(routing.counts.tolist(), self.ep)
+        return counts_matrix(self.comm.all_to_all(routing.counts, self.algorithm).tolist(), self.ep)
+
+    def _run_pipelined(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+        if routing.capacity is None:
+            sent = counts_matrix(routing.counts.tolist(), self.ep)
+            received = self._received_counts(routing)
+        else:
+            sent = received = [[routing.capacity] * self.num_local for _ in range(self.ep)]
+        comm = self.comm if self.groups is not None or self.ep > 1 else None
+        pipe = Pipeline(comm, self.groups, self.algorithm, sent, received, routing.capacity is not None,
+                        self.overlap_degree, experts)
+        return pipe.forward(rows)
+
     def _run_padded(self, rows: torch.Tensor, capacity: int, experts: LocalExperts) -> torch.Tensor:
         ep, local, width = self.ep, self.num_local, rows.shape[1]
         received = self.to_experts(rows)  # [ep source, local, C, M]
         grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
-        out = experts(grouped, [ep * capacity] * local)
+        with record_function(EXPERTS_EVENT):
+            out = experts(grouped, [ep * capacity] * local)
         back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
         return self.from_experts(back)
 
     def _run_dropless(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
         ep, local = self.ep, self.num_local
         sent = routing.counts.view(ep, local)
-        received = sent if self.comm is None or ep == 1 else self.comm.all_to_all(routing.counts, self.algorithm)
-        received = received.view(ep, local).tolist()  # [source rank][local expert], on the host
+        received = self._received_counts(routing)  # [source rank][local expert], on the host
         splits = (sent.sum(dim=1).tolist(), [sum(r) for r in received])
         arrived = self.to_experts(rows, splits)
         per_expert = [sum(received[src][e] for src in range(ep)) for e in range(local)]
-        out = experts(transpose_blocks(arrived, received), per_expert)
+        with record_function(EXPERTS_EVENT):
+            out = experts(transpose_blocks(arrived, received), per_expert)
         by_expert = [[received[src][e] for src in range(ep)] for e in range(local)]
         return self.from_experts(transpose_blocks(out, by_expert), splits)
 
@@ -165,9 +184,8 @@ class ExpertExchange:
         groups, ep, local = self.groups, self.ep, self.num_local
         assert groups is not None
         if routing.capacity is None:
-            sent = routing.counts.view(ep, local)
-            received = self.comm.all_to_all(routing.counts, self.algorithm).view(ep, local).tolist()
-            sent = sent.tolist()
+            sent = counts_matrix(routing.counts.tolist(), ep)
+            received = self._received_counts(routing)
         else:
             sent = received = [[routing.capacity] * local for _ in range(ep)]
         full_in = [sum(row) for row in sent]  # rows of this TP group's buffer for each EP rank
@@ -175,21 +193,8 @@ class ExpertExchange:
         arrived = groups.coordinated_all_to_all_v(rows, full_in, full_out, self.algorithm)
         pieces = _chunk_pieces(received, Chunking(tuple(full_out), groups.tp), groups.tp_rank)
         per_expert = [sum(pieces[s][e] for s in range(ep)) for e in range(local)]
-        out = experts(transpose_blocks(arrived, pieces), per_expert)
+        with record_function(EXPERTS_EVENT):
+            out = experts(transpose_blocks(arrived, pieces), per_expert)
         back = transpose_blocks(out, [[pieces[s][e] for s in range(ep)] for e in range(local)])
         return groups.coordinated_all_to_all_back_v(back, [sum(p) for p in pieces], full_in, self.algorithm)
 
-
-def _chunk_pieces(received: list[list[int]], chunking: Chunking, t: int) -> list[list[int]]:
-    """Rows of each (source, local expert) inside TP rank t's chunk of each
-    source's block: the chunk is a row range, the experts' rows consecutive
-    ranges of the block."""
-    pieces = []
-    for source, counts in enumerate(received):
-        lo, hi = chunking.bounds(source, t)
-        row, mine = 0, []
-        for count in counts:
-            mine.append(max(0, min(hi, row + count) - max(lo, row)))
-            row += count
-        pieces.append(mine)
-    return pieces

@@ -13,6 +13,7 @@ from alltoall.moe.dispatch import combine, dispatch
 from alltoall.moe.exchange import ExpertExchange
 from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_feed_forwards
 from alltoall.moe.gate import TopKGate, expert_capacity
+from alltoall.moe.pipeline import check_overlap_degree
 from alltoall.ops import Communicator, ParallelGroups
 
 
@@ -55,10 +56,18 @@ class MoE(nn.Module):
         algorithm: "auto", "flat" or "hierarchical" for every exchange.
         normalize_weights, router_z_loss_coef: see ``TopKGate``.
         timeout: bound on every exchange's waits (the Communicator's default if None).
+        overlap_degree: N >= 1. Above 1 the rows go through the experts in N
+            chunks (along capacity, or by counts when dropless): chunk i+1's
+            exchange runs while the experts compute chunk i, and chunk i's
+            return exchange while they compute chunk i+1; the backward is
+            pipelined the same way. Results equal N = 1's (exactly for
+            experts that compute each row on its own). See docs/moe.md.
         check_tokens: with ``drop_tokens=True``, all-reduce the local token
             counts before each exchange and raise ValueError on every rank when
-            they differ. Without it such a mismatch fails inside the exchange
-            (gloo aborts the process; other backends wait for the timeout).
+            they differ. Without it such a mismatch fails inside the exchange:
+            gloo aborts the process; NCCL's watchdog aborts the communicator
+            when its own timeout passes, and may end the process
+            (``TORCH_NCCL_ASYNC_ERROR_HANDLING``); see docs/multinode.md.
 
     Construction is collective over the EP group when it builds the
     Communicator (every rank, same order).
@@ -89,6 +98,7 @@ class MoE(nn.Module):
         router_z_loss_coef: float = 0.0,
         timeout: timedelta | float | None = None,
         check_tokens: bool = False,
+        overlap_degree: int = 1,
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -115,7 +125,7 @@ class MoE(nn.Module):
         self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
                              z_loss_coef=router_z_loss_coef)
         comm = None if groups is not None else _ep_communicator(ep_group, timeout)
-        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups)
+        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
@@ -134,6 +144,14 @@ class MoE(nn.Module):
         if use_residual:
             self.mlp = copy.deepcopy(expert) if expert is not None else FeedForward(hidden_size, ffn_hidden_size)
             self.coefficient = nn.Linear(hidden_size, 2)
+
+    @property
+    def overlap_degree(self) -> int:
+        return self.exchange.overlap_degree
+
+    @overlap_degree.setter
+    def overlap_degree(self, value: int) -> None:
+        self.exchange.overlap_degree = check_overlap_degree(value)
 
     @property
     def ep_size(self) -> int:

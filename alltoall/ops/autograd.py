@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from alltoall._library import _C
+from alltoall.ops.work import Work, attach, needs_grad
 
 
 class AllToAll(torch.autograd.Function):
@@ -74,3 +75,27 @@ def all_to_all_v(
         return out, received.tolist()
     out, received = exchanger.all_to_all_v(x, input_splits, output_splits)
     return out, list(received)
+
+
+def all_to_all_async(x: torch.Tensor, exchanger: _C.Exchanger) -> Work:
+    """``all_to_all`` queued on the exchanger's progress thread; the result
+    is differentiable in ``x`` when ``x`` requires grad."""
+    grad = needs_grad(x)
+    native = exchanger.all_to_all_async(x.detach())
+    return Work(native, lambda out, _: attach(x, out, exchanger.all_to_all, grad))
+
+
+def all_to_all_v_async(
+    x: torch.Tensor, exchanger: _C.Exchanger, input_splits: list[int], output_splits: list[int] | None,
+    with_splits: bool,
+) -> Work:
+    """``all_to_all_v`` queued; ``wait()`` gives the output, or ``(output,
+    received splits)`` when ``with_splits``."""
+    grad = needs_grad(x)
+    native = exchanger.all_to_all_v_async(x.detach(), input_splits, output_splits)
+
+    def finish(out: torch.Tensor, received: list[int]) -> object:
+        out = attach(x, out, lambda g: exchanger.all_to_all_v(g, received, input_splits)[0], grad)
+        return (out, received) if with_splits else out
+
+    return Work(native, finish)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from alltoall._library import _C
 from alltoall.ops import autograd, consistency, selection, traceable, validation
-from alltoall.plan import make_plan
+from alltoall.ops.work import Work
+from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
-from alltoall.transport import GroupRef, link_class, make_transport, new_subgroup, resolve_timeout, resolve_transport
+from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -55,6 +56,13 @@ class Communicator:
             phase in shared memory; ValueError if a phase's group spans
             hosts) or "c10d" (the group's torch.distributed backend). Default
             ``ALLTOALL_TRANSPORT``, else "auto". CUDA tensors always use c10d.
+
+    Cost profile: the constructor loads ``ALLTOALL_PROFILE`` (a file or a
+    shipped profile's name; "off" for none) or the file ``alltoall-bench
+    --calibrate`` writes, and checks that every rank loaded the same one
+    (ValueError on every rank otherwise). With one, ``algorithm="auto"``
+    takes the algorithm with the lowest predicted time for each call's size
+    (``predict``); without, the fixed rule of ``alltoall.ops.selection``.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Communicator:
             raise ValueError(f"rank_order={list(rank_order)} is not a permutation of the group's {self.size} ranks")
         self.rank_order = None if rank_order is None or list(rank_order) == list(range(self.size)) else list(rank_order)
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
+        self.progress = _C.ProgressThread(f"communicator on group '{self.group_ref.name}'")
         # The real host of every rank (never emulated): it decides where
         # shared memory can carry a phase.
         self.hosts = detect_hosts(self.group) if self.transport != "c10d" else ("?",) * self.size
@@ -95,6 +104,7 @@ class Communicator:
         if topology.uniform:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
         self._keys = {name: traceable.register(ex) for name, ex in self._exchangers.items()}
+        self.profile, self._selector = self._create_selector()
         if self.rank_order is None:
             _by_group[self.group_ref.name] = weakref.ref(self)
 
@@ -106,20 +116,25 @@ class Communicator:
     def _create_node_groups(self) -> dict[str, GroupRef]:
         """Intra-node then inter-node, on every rank in that order. A subgroup
         equal to the whole group reuses it; one of a single rank is not
-        needed, since plans drop phases that move nothing."""
+        needed, since plans drop phases that move nothing. Each kind is a
+        partition of the group, passed whole to ``new_subgroups`` so it can
+        split the group's communicator on a bound device."""
         topo = self.topology
         if not topo.uniform:
             return {}
         groups: dict[str, GroupRef] = {}
-        members = {
-            "intra_node": topo.ranks_of_node(topo.node),
-            "inter_node": topo.ranks_with_local_rank(topo.local_rank),
+        partitions = {
+            "intra_node": [topo.ranks_of_node(node) for node in range(topo.num_nodes)],
+            "inter_node": [topo.ranks_with_local_rank(local) for local in range(topo.ranks_per_node or 0)],
         }
-        for role, ranks in members.items():
-            if len(ranks) == self.size:
+        for role, parts in partitions.items():
+            if len(parts) == 1:
                 groups[role] = self.group_ref
-            elif len(ranks) > 1:
-                groups[role] = new_subgroup(self._global(ranks), self.timeout, f"alltoall_{role}")
+                continue
+            ref = new_subgroups(self.group_ref, [self._global(p) for p in parts if len(p) > 1], self.timeout,
+                                f"alltoall_{role}")
+            if ref is not None:
+                groups[role] = ref
         return groups
 
     def _hosts_of(self, ref: GroupRef) -> list[str]:
@@ -133,9 +148,23 @@ class Communicator:
         return {role: make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
                 for role, ref in self._groups.items()}
 
+    def _create_selector(self) -> tuple[Profile | None, selection.ModelSelector | None]:
+        """Collective: every rank's profile hash must agree (ValueError on
+        every rank otherwise); with a profile, "auto" chooses by the model
+        among the algorithms that differ here."""
+        links = {name: self.links(name) for name in self._exchangers}
+        profile, links_by_rank = selection.agree_on_profile(self.group, self.group_ref.name,
+                                                            self.group_ref.global_ranks, links)
+        if profile is None:
+            return None, None
+        candidates = tuple(name for name, ex in self._exchangers.items()
+                           if name == "flat" or len(ex.plan.phases) > 1)
+        selector = selection.ModelSelector(profile, self.topology, links_by_rank, candidates, self.rank_order)
+        return profile, selector
+
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
-        return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases])
+        return _C.Exchanger(raw, [self._transports[phase.role] for phase in raw.phases], self.progress)
 
     def transports(self, algorithm: str) -> tuple[str, ...]:
         """What carries each phase of ``algorithm`` on this rank: "shm" or
@@ -156,8 +185,20 @@ class Communicator:
         cannot run on this topology."""
         validation.check_algorithm(algorithm, self.topology)
         if algorithm == "auto":
+            if self._selector is not None and bytes_per_peer is not None:
+                return self._selector.choose(bytes_per_peer)
             return selection.choose(self.topology, bytes_per_peer)
         return algorithm
+
+    def predict(self, bytes_per_rank: float) -> dict[str, float]:
+        """Predicted microseconds of an equal-split exchange of
+        ``bytes_per_rank`` bytes, for every algorithm "auto" picks among
+        here: the slowest rank's, under ``self.profile`` (alltoall.plan.model).
+        Raises ValueError when no profile was loaded."""
+        if self._selector is None:
+            raise ValueError(f"no cost profile on group '{self.group_ref.name}': set ALLTOALL_PROFILE or run "
+                             "alltoall-bench --calibrate")
+        return self._selector.predict_us(bytes_per_rank)
 
     def exchanger(self, algorithm: str) -> _C.Exchanger:
         """The executor of a concrete algorithm ('flat' or 'hierarchical')."""
@@ -178,13 +219,23 @@ class Communicator:
         comm.transport = "c10d"
         comm.topology = Topology.emulate(comm.size, comm.size, comm.rank)
         comm._groups = {"world": comm.group_ref}
+        comm.progress = _C.ProgressThread(f"communicator on group '{comm.group_ref.name}'")
         comm.hosts = ("?",) * comm.size
         comm._transports = comm._create_transports()
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
         comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
+        comm.profile, comm._selector = None, None
         return comm
 
     # Collectives ------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Waits until every exchange issued so far (``async_op=True``
+        included) has run. Collectives issued directly on the same process
+        group with torch.distributed from another path must come after
+        this: over c10d they would otherwise race the queued exchanges for
+        the group's order."""
+        self.progress.synchronize()
 
     def _resolve_for(self, algorithm: str, bytes_per_peer: int | None) -> str:
         resolved = self.resolve(algorithm, bytes_per_peer)
@@ -193,7 +244,16 @@ class Communicator:
                              f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
         return resolved
 
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None) -> torch.Tensor:
+    def _agree(self, name: str, x: torch.Tensor, validate, check: bool | None) -> consistency.Validated:
+        if not consistency.enabled(check):
+            return validate()
+        # The check's collectives go through torch.distributed on this
+        # group: let the queued exchanges finish first, so they keep order.
+        self.progress.synchronize()
+        return consistency.agree(name, self.group, x, validate, self.rank_order)
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
+                   async_op: bool = False) -> torch.Tensor | Work:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
@@ -201,14 +261,20 @@ class Communicator:
             algorithm: "auto", "flat" or "hierarchical".
             check: verify first, collectively, that all ranks pass the same
                 dtype, trailing shape and dim 0 (default: ``ALLTOALL_CHECK``).
+            async_op: queue the exchange on this Communicator's progress
+                thread and return a ``Work`` at once; its ``wait()`` returns
+                the tensor below (see alltoall.ops.work).
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
             flows through; the backward is the same exchange. Under
             torch.compile the call is the traceable op
-            ``torch.ops.alltoall.exchange_equal`` (check is then not run).
+            ``torch.ops.alltoall.exchange_equal`` (check is then not run;
+            async_op is not supported there).
         """
         if torch.compiler.is_compiling():
+            if async_op:
+                raise ValueError("all_to_all(async_op=True) cannot be compiled; call it outside torch.compile")
             validation.check_tensor(x, "all_to_all")
             validation.check_divisible(x, self.size, "all_to_all")
             bytes_per_peer = x.numel() * x.element_size() // self.size
@@ -220,10 +286,9 @@ class Communicator:
             bytes_per_peer = x.numel() * x.element_size() // self.size
             return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
 
-        if consistency.enabled(check):
-            plan = consistency.agree("all_to_all", self.group, x, validate, self.rank_order)
-        else:
-            plan = validate()
+        plan = self._agree("all_to_all", x, validate, check)
+        if async_op:
+            return autograd.all_to_all_async(x, self._exchangers[plan.algorithm])
         return autograd.all_to_all(x, self._exchangers[plan.algorithm])
 
     def all_to_all_v(
@@ -234,7 +299,8 @@ class Communicator:
         algorithm: str = "auto",
         *,
         check: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        async_op: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]] | Work:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
 
@@ -249,6 +315,7 @@ class Communicator:
             check: verify first, collectively, that every rank's
                 input_splits[d] equals what rank d expects, and that dtypes and
                 trailing shapes agree (default: ``ALLTOALL_CHECK``).
+            async_op: return a ``Work`` whose ``wait()`` gives what is below.
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
@@ -263,10 +330,10 @@ class Communicator:
                 outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
             return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
 
-        if consistency.enabled(check):
-            plan = consistency.agree("all_to_all_v", self.group, x, validate, self.rank_order)
-        else:
-            plan = validate()
+        plan = self._agree("all_to_all_v", x, validate, check)
         exchanger = self._exchangers[plan.algorithm]
+        if async_op:
+            return autograd.all_to_all_v_async(x, exchanger, plan.input_splits, plan.output_splits,
+                                               with_splits=output_splits is None)
         out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received)

@@ -75,19 +75,12 @@ def take_chunks(x: torch.Tensor, chunking: Chunking, t: int) -> torch.Tensor:
     return torch.ops.alltoall.gather_blocks(x, chunking.chunk_starts(t), chunking.sizes(t))
 
 
-def gather_chunks(y: torch.Tensor, chunking: Chunking, group: TensorGroup) -> torch.Tensor:
-    """Every TP rank's chunks -> the full buffer, identical on every TP rank.
-
-    Chunks differ in size across TP ranks when blocks do not divide by L, so
-    each rank pads to the largest, one all-gather moves them all, and one
-    gather_blocks pass puts every block back together in order.
-    """
+def gather_layout(chunking: Chunking, group: TensorGroup) -> tuple[int, list[int], list[int]]:
+    """How ``gather_chunks`` reassembles: the padded rows each TP rank
+    contributes to the all-gather, and the (start, count) of every piece of
+    the gathered buffer in the order of the full buffer."""
     L = chunking.tp
-    sizes = [sum(chunking.sizes(t)) for t in range(L)]
-    width = max(sizes)
-    if y.shape[0] < width:
-        y = torch.cat([y, y.new_zeros((width - y.shape[0], *y.shape[1:]))])
-    gathered = group.gather.all_gather(y)
+    width = max(sum(chunking.sizes(t)) for t in range(L))
     starts, counts = [], []
     offsets = [[0] * L for _ in chunking.block_rows]
     for member, t in enumerate(group.t_of_member):
@@ -100,6 +93,20 @@ def gather_chunks(y: torch.Tensor, chunking: Chunking, group: TensorGroup) -> to
             lo, hi = chunking.bounds(d, t)
             starts.append(offsets[d][t])
             counts.append(hi - lo)
+    return width, starts, counts
+
+
+def gather_chunks(y: torch.Tensor, chunking: Chunking, group: TensorGroup) -> torch.Tensor:
+    """Every TP rank's chunks -> the full buffer, identical on every TP rank.
+
+    Chunks differ in size across TP ranks when blocks do not divide by L, so
+    each rank pads to the largest, one all-gather moves them all, and one
+    gather_blocks pass puts every block back together in order.
+    """
+    width, starts, counts = gather_layout(chunking, group)
+    if y.shape[0] < width:
+        y = torch.cat([y, y.new_zeros((width - y.shape[0], *y.shape[1:]))])
+    gathered = group.gather.all_gather(y)
     return torch.ops.alltoall.gather_blocks(gathered, starts, counts)
 
 

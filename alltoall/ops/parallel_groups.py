@@ -3,6 +3,7 @@ created once, and the TP-coordinated all-to-all that runs on them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -11,10 +12,11 @@ import torch.distributed as dist
 from alltoall._library import _C
 from alltoall.ops import validation
 from alltoall.ops.communicator import Communicator
-from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks, TensorGroup
+from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks, TensorGroup, gather_layout, take_chunks
+from alltoall.ops.work import Work, attach, needs_grad
 from alltoall.topology import Topology, detect_hosts
 from alltoall.topology.layout import KINDS, RankLayout
-from alltoall.transport import GroupRef, make_transport, new_subgroup, resolve_timeout
+from alltoall.transport import GroupRef, make_transport, new_subgroups, resolve_timeout
 
 
 class ParallelGroups:
@@ -80,11 +82,13 @@ class ParallelGroups:
         self.tp_rank, self.ep_rank, self.dp_rank = coords["tp"], coords["ep"], coords["dp"]
 
         self._refs: dict[str, GroupRef] = {}
+        world = GroupRef.of(None)
         for kind in KINDS:  # the same order on every rank
             if kind == "rail" and not topology.uniform:
                 continue
-            members = self.layout.group_of(kind, rank)
-            self._refs[kind] = new_subgroup(members, self.timeout, f"alltoall_{kind}")
+            ref = new_subgroups(world, self.layout.groups(kind), self.timeout, f"alltoall_{kind}")
+            assert ref is not None, f"rank {rank} is in no {kind} group"  # the layout partitions the world
+            self._refs[kind] = ref
 
         ep_members = self.layout.group_of("ep", rank)
         ep_topology = Topology.from_node_ids([topology.node_of_rank[r] for r in ep_members],
@@ -100,7 +104,10 @@ class ParallelGroups:
         tp_ref = self._refs["tp"]
         tp_hosts = detect_hosts(tp_ref.group) if self.ep_comm.transport != "c10d" else ("?",) * self.tp
         self.tp_transport = make_transport(tp_ref, tp_hosts, self.ep_comm.transport, self.timeout)
-        gather = _C.GroupGather(self.tp_transport, "tensor parallel")
+        # The TP all-gather shares the EP exchange's progress thread, so a
+        # coordinated exchange (EP all-to-all, then TP all-gather) keeps its
+        # order on every rank, in flight or not.
+        gather = _C.GroupGather(self.tp_transport, "tensor parallel", self.ep_comm.progress)
         t_of_member = tuple(self.layout.coordinates(r)["tp"] for r in tp_ref.global_ranks)
         self._tp = TensorGroup(gather, self.tp_rank, t_of_member)
 
@@ -143,7 +150,28 @@ class ParallelGroups:
             )
         return Chunking((rows // self.ep,) * self.ep, self.tp)
 
-    def coordinated_all_to_all(self, x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+    def synchronize(self) -> None:
+        """Waits until every exchange issued so far has run (see
+        ``Communicator.synchronize``)."""
+        self.ep_comm.synchronize()
+
+    def _back_async(self, y: torch.Tensor, chunking: Chunking, inner: Work,
+                    inverse: Callable[[torch.Tensor], torch.Tensor]) -> Work:
+        """The TP all-gather queued behind the EP exchange ``inner`` (of
+        ``y``, detached), and the reassembly at ``wait()``; differentiable in
+        ``y`` through ``inverse`` (slice, then the inverse EP exchange)."""
+        width, starts, counts = gather_layout(chunking, self._tp)
+        gathered = self._tp.gather.all_gather_after(inner.native, width)
+        grad = needs_grad(y)
+
+        def finish(out: torch.Tensor, _: list[int]) -> torch.Tensor:
+            full = torch.ops.alltoall.gather_blocks(out, starts, counts)
+            return attach(y, full, inverse, grad)
+
+        return Work(gathered, finish)
+
+    def coordinated_all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *,
+                               async_op: bool = False) -> torch.Tensor | Work:
         """Dispatch: the coordinated all-to-all of a TP-replicated buffer.
 
         Args:
@@ -152,6 +180,8 @@ class ParallelGroups:
                 by ep*tp.
             algorithm: the EP exchange's algorithm: "auto", "flat" or
                 "hierarchical".
+            async_op: return a ``Work`` (alltoall.ops.work) at once; the
+                exchange runs on the EP Communicator's progress thread.
 
         Returns:
             ``[R/tp, *]``: from every EP source s, this TP rank's chunk of the
@@ -159,9 +189,10 @@ class ParallelGroups:
         """
         x = validation.check_tensor(x, "coordinated_all_to_all")
         chunking = self._equal_chunking(x.shape[0], "coordinated_all_to_all")
-        return self.ep_comm.all_to_all(TakeChunks.apply(x, chunking, self._tp), algorithm)
+        return self.ep_comm.all_to_all(TakeChunks.apply(x, chunking, self._tp), algorithm, async_op=async_op)
 
-    def coordinated_all_to_all_back(self, y: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+    def coordinated_all_to_all_back(self, y: torch.Tensor, algorithm: str = "auto", *,
+                                    async_op: bool = False) -> torch.Tensor | Work:
         """Combine: the inverse of ``coordinated_all_to_all``.
 
         Args:
@@ -172,6 +203,11 @@ class ParallelGroups:
         """
         y = validation.check_tensor(y, "coordinated_all_to_all_back")
         chunking = self._equal_chunking(y.shape[0] * self.tp, "coordinated_all_to_all_back")
+        if async_op:
+            inner = self.ep_comm.all_to_all(y.detach(), algorithm, async_op=True)
+            t = self.tp_rank
+            return self._back_async(y, chunking, inner, lambda g: self.ep_comm.all_to_all(
+                take_chunks(g, chunking, t), algorithm))
         return GatherChunks.apply(self.ep_comm.all_to_all(y, algorithm), chunking, self._tp)
 
     def coordinated_all_to_all_v(
@@ -180,7 +216,9 @@ class ParallelGroups:
         input_splits: validation.Splits,
         output_splits: validation.Splits | None = None,
         algorithm: str = "auto",
-    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        *,
+        async_op: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]] | Work:
         """Dispatch with uneven blocks.
 
         Args:
@@ -203,7 +241,8 @@ class ParallelGroups:
             outs = validation.splits_to_list(output_splits, "output_splits", self.ep, None, "coordinated_all_to_all_v")
             inner_out = Chunking(tuple(outs), self.tp).sizes(self.tp_rank)
         sliced = TakeChunks.apply(x, chunking, self._tp)
-        return self.ep_comm.all_to_all_v(sliced, chunking.sizes(self.tp_rank), inner_out, algorithm)
+        return self.ep_comm.all_to_all_v(sliced, chunking.sizes(self.tp_rank), inner_out, algorithm,
+                                         async_op=async_op)
 
     def coordinated_all_to_all_back_v(
         self,
@@ -211,7 +250,9 @@ class ParallelGroups:
         input_splits: validation.Splits,
         output_splits: validation.Splits,
         algorithm: str = "auto",
-    ) -> torch.Tensor:
+        *,
+        async_op: bool = False,
+    ) -> torch.Tensor | Work:
         """Combine with uneven blocks: the inverse of ``coordinated_all_to_all_v``.
 
         Args:
@@ -227,7 +268,15 @@ class ParallelGroups:
         y = validation.check_tensor(y, "coordinated_all_to_all_back_v")
         outs = validation.splits_to_list(output_splits, "output_splits", self.ep, None, "coordinated_all_to_all_back_v")
         chunking = Chunking(tuple(outs), self.tp)
-        back = self.ep_comm.all_to_all_v(y, input_splits, chunking.sizes(self.tp_rank), algorithm)
+        sizes = chunking.sizes(self.tp_rank)
+        if async_op:
+            ins = validation.splits_to_list(input_splits, "input_splits", self.ep, y.shape[0],
+                                            "coordinated_all_to_all_back_v")
+            inner = self.ep_comm.all_to_all_v(y.detach(), ins, sizes, algorithm, async_op=True)
+            t = self.tp_rank
+            return self._back_async(y, chunking, inner, lambda g: self.ep_comm.all_to_all_v(
+                take_chunks(g, chunking, t), sizes, ins, algorithm))
+        back = self.ep_comm.all_to_all_v(y, input_splits, sizes, algorithm)
         return GatherChunks.apply(back, chunking, self._tp)
 
     def describe(self) -> str:

@@ -4,7 +4,7 @@ through it (``torch.ops.alltoall.exchange_equal``).
 The op takes the exchanger by key, a string, since compiled graphs carry
 only tensors and plain values. Communicators register their exchangers here
 when built; the op's fake implementation gives the output shape (the
-input's), and its backward is the same exchange. Eager calls do not use it:
+input's, contiguous), and its backward is the same exchange. Eager calls do not use it:
 ``Communicator.all_to_all`` calls the executor directly, which costs less
 per call; only code being compiled goes through the op.
 """
@@ -36,7 +36,10 @@ def _lookup(key: str) -> _C.Exchanger:
     return exchanger
 
 
-@torch.library.custom_op("alltoall::exchange_equal", mutates_args=())
+# Not capture-safe: each phase copies host offsets to the device and waits on
+# the host for the transport. The tag makes inductor's graph partitioning run
+# the op outside a CUDA graph under mode="reduce-overhead".
+@torch.library.custom_op("alltoall::exchange_equal", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def exchange_equal(x: torch.Tensor, key: str) -> torch.Tensor:
     """Equal-split all-to-all of ``x`` ``[p*n, *]`` by the exchanger ``key``."""
     return _lookup(key).all_to_all(x)
@@ -44,7 +47,8 @@ def exchange_equal(x: torch.Tensor, key: str) -> torch.Tensor:
 
 @exchange_equal.register_fake
 def _(x: torch.Tensor, key: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    # The executor returns a new contiguous tensor whatever x's strides are.
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -1,5 +1,19 @@
-"""Layer 2: exchange plans (pure data, built in C++)."""
+"""Layer 2: exchange plans (pure data, built in C++) and their cost model."""
 
+from alltoall.plan.model import Cost, Prediction, predict_plan
 from alltoall.plan.plan import ALGORITHMS, LinkUse, PlanSummary, make_plan, plan
+from alltoall.plan.profile import LINK_CLASSES, LinkCost, Profile
 
-__all__ = ["ALGORITHMS", "LinkUse", "PlanSummary", "make_plan", "plan"]
+__all__ = [
+    "ALGORITHMS",
+    "LINK_CLASSES",
+    "Cost",
+    "LinkCost",
+    "LinkUse",
+    "PlanSummary",
+    "Prediction",
+    "Profile",
+    "make_plan",
+    "plan",
+    "predict_plan",
+]

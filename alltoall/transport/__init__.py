@@ -11,7 +11,14 @@ from alltoall.transport.choice import (
     resolve_transport,
     transport_kind,
 )
-from alltoall.transport.process_group import DEFAULT_TIMEOUT, TIMEOUT_ENV, GroupRef, new_subgroup, resolve_timeout
+from alltoall.transport.process_group import (
+    DEFAULT_TIMEOUT,
+    TIMEOUT_ENV,
+    GroupRef,
+    new_subgroups,
+    resolve_timeout,
+    splits_parent_communicator,
+)
 from alltoall.transport.shm import ShmMembers, ShmOptions, create_shm_transport, store_agreement
 
 __all__ = [
@@ -26,9 +33,10 @@ __all__ = [
     "create_shm_transport",
     "link_class",
     "make_transport",
-    "new_subgroup",
+    "new_subgroups",
     "resolve_timeout",
     "resolve_transport",
+    "splits_parent_communicator",
     "store_agreement",
     "transport_kind",
 ]

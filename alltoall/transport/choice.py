@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from alltoall._library import _C
+from alltoall.plan.profile import LINK_CLASSES as PROFILE_LINK_CLASSES
 from alltoall.topology import host_name
 from alltoall.transport.process_group import GroupRef
 from alltoall.transport.shm import ShmMembers, broadcast_agreement, create_shm_transport
@@ -24,8 +25,9 @@ from alltoall.transport.shm import ShmMembers, broadcast_agreement, create_shm_t
 TRANSPORTS = ("auto", "shm", "c10d")
 TRANSPORT_ENV = "ALLTOALL_TRANSPORT"
 
-# Link classes, by what carries the bytes (the cost model's profiles use them).
-LINK_CLASSES = ("shm", "tcp", "nvlink", "net")
+# Link classes, by what carries the bytes: defined with the cost model's
+# profiles (alltoall.plan.profile), which are keyed by them.
+LINK_CLASSES = PROFILE_LINK_CLASSES
 
 
 def resolve_transport(requested: str | None) -> str:

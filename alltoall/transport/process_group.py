@@ -51,12 +51,56 @@ class GroupRef:
         return self.name, list(self.global_ranks)
 
 
-def new_subgroup(global_ranks: Sequence[int], timeout: timedelta, description: str) -> GroupRef:
-    """Creates a subgroup; only its members call this, each exactly once.
+def splits_parent_communicator() -> bool:
+    """Whether torch builds subgroups by splitting a parent's communicator.
 
-    Local synchronisation lets every rank create just the subgroups it
-    belongs to. Callers must create them in the same order on every rank.
+    That is the case when the default group was created with ``device_id=``
+    (eager NCCL): ``new_group`` then calls ``ncclCommSplit`` on the default
+    group's communicator, a collective over every rank of it, so a subgroup
+    created by its members alone (local synchronisation) would block them.
     """
-    group = dist.new_group(sorted(global_ranks), timeout=timeout, use_local_synchronization=True,
-                           group_desc=description)
+    if not dist.is_initialized():
+        return False
+    default = dist.distributed_c10d._get_default_group()
+    device = getattr(default, "bound_device_id", None)
+    if device is None:
+        return False
+    try:
+        backend = default._get_backend(device)
+    except RuntimeError:
+        return False
+    return bool(getattr(backend, "supports_splitting", False))
+
+
+def new_subgroups(parent: GroupRef, parts: Sequence[Sequence[int]], timeout: timedelta,
+                  description: str) -> GroupRef | None:
+    """This rank's part of ``parts`` as a process group; None when it is in none.
+
+    ``parts`` are disjoint lists of global ranks of ``parent``. Every rank of
+    the parent calls this with the same ``parts``, in the same order relative
+    to other group creation. How the groups are made depends on the mode:
+
+    - no bound device (gloo, lazily initialised NCCL): each rank creates only
+      its own part, with local synchronisation, so no other rank waits;
+    - a bound device (``splits_parent_communicator()``): one ``split_group``
+      of the parent into all the parts, which every rank of the parent joins,
+      so the communicator split NCCL performs is collective over the parent
+      and no rank returns early.
+    """
+    parts = [sorted(part) for part in parts]
+    rank = dist.get_rank()
+    mine = next((part for part in parts if rank in part), None)
+    if not parts:
+        return None
+    if splits_parent_communicator():
+        in_parent = {g: i for i, g in enumerate(parent.global_ranks)}
+        missing = sorted({g for part in parts for g in part} - set(in_parent))
+        if missing:
+            raise ValueError(f"{description}: global ranks {missing} are not in the parent group {parent.global_ranks}")
+        group = dist.split_group(parent.group, [[in_parent[g] for g in part] for part in parts], timeout=timeout,
+                                 group_desc=description)
+        return GroupRef.of(group) if mine is not None else None
+    if mine is None:
+        return None
+    group = dist.new_group(mine, timeout=timeout, use_local_synchronization=True, group_desc=description)
     return GroupRef.of(group)

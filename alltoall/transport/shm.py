@@ -15,6 +15,9 @@ the segment name, so every member lays out the segment the same way):
   of two) when the kernel allows it; 0 disables. Default 64 KiB.
 - ``ALLTOALL_SHM_SPINS`` / ``ALLTOALL_SHM_YIELDS``: polls, then sched_yield
   calls, before a waiting rank sleeps on a futex (docs/architecture.md).
+- ``ALLTOALL_SHM_PREFIX``: the start of segment names (default
+  ``alltoall-``), so that one job's segments can be told from another's; the
+  name goes on with the creator's pid and random hex.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ RING_BYTES_ENV = "ALLTOALL_SHM_RING_BYTES"
 SINGLE_COPY_BYTES_ENV = "ALLTOALL_SHM_SINGLE_COPY_BYTES"
 SPINS_ENV = "ALLTOALL_SHM_SPINS"
 YIELDS_ENV = "ALLTOALL_SHM_YIELDS"
+PREFIX_ENV = "ALLTOALL_SHM_PREFIX"
 
 MAX_RING_BYTES = 256 * 1024
 MIN_RING_BYTES = 4 * 1024
@@ -42,7 +46,16 @@ RINGS_BUDGET_BYTES = 64 * 1024 * 1024
 DEFAULT_SINGLE_COPY_BYTES = 64 * 1024
 DEFAULT_SPINS = 32
 DEFAULT_YIELDS = 64
-SEGMENT_PREFIX = "/alltoall-"
+DEFAULT_PREFIX = "alltoall-"
+
+
+def segment_prefix() -> str:
+    """``ALLTOALL_SHM_PREFIX`` or the default; raises ValueError naming it
+    when it holds a '/' (a POSIX shared-memory name has only the leading one)."""
+    prefix = os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+    if "/" in prefix:
+        raise ValueError(f"{PREFIX_ENV}={prefix!r} must not contain '/'")
+    return prefix
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
@@ -90,9 +103,9 @@ class ShmOffer:
     options: ShmOptions
 
     @classmethod
-    def draw(cls, members: int) -> ShmOffer:
-        """A random segment name and job token, and the options from the environment."""
-        return cls(f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}", secrets.token_hex(16),
+    def draw(cls, members: int, prefix: str) -> ShmOffer:
+        """A random segment name after ``prefix`` and job token, and the options from the environment."""
+        return cls(f"/{prefix}{os.getpid()}-{secrets.token_hex(8)}", secrets.token_hex(16),
                    ShmOptions.from_env(members))
 
     def to_json(self) -> str:
@@ -153,11 +166,13 @@ def create_shm_transport(members: ShmMembers, host: str, timeout: timedelta, fal
                          agree: Agreement) -> _C.Transport:
     """A shared-memory transport for a group whose members all run on
     ``host``. Collective over the group: rank 0 draws a random segment name
-    and job token, and ``agree`` hands them with its options to the others;
-    rank 0 creates the segment (mode 0600), the others attach, and every
-    member unlinks the name once all are attached. ``fallback`` carries
-    tensors that are not in host memory (None: they are an error)."""
-    offer = agree(ShmOffer.draw(len(members.global_ranks)) if members.rank == 0 else None)
+    and job token (the name starts with ``ALLTOALL_SHM_PREFIX``), and ``agree``
+    hands them with its options to the others; rank 0 creates the segment
+    (mode 0600), the others attach, and every member unlinks the name once
+    all are attached. ``fallback`` carries tensors that are not in host
+    memory (None: they are an error)."""
+    prefix = segment_prefix()  # checked on every rank, before any communication
+    offer = agree(ShmOffer.draw(len(members.global_ranks), prefix) if members.rank == 0 else None)
     return _C.shm_transport(
         segment_name=offer.name,
         token=offer.token,

@@ -30,12 +30,14 @@ struct DeleteWithoutGil {
 }  // namespace
 
 void register_exchanger(py::module_& m) {
+  register_progress(m);
   py::class_<ops::Exchanger, std::unique_ptr<ops::Exchanger, DeleteWithoutGil<ops::Exchanger>>>(
       m, "Exchanger", "Runs an ExchangePlan; transports[i] carries phase i.")
-      .def(py::init([](plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports) {
-             return ops::Exchanger(std::move(plan), std::move(transports));
+      .def(py::init([](plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
+                       std::shared_ptr<ops::ProgressThread> progress) {
+             return ops::Exchanger(std::move(plan), std::move(transports), std::move(progress));
            }),
-           py::arg("plan"), py::arg("transports"))
+           py::arg("plan"), py::arg("transports"), py::arg("progress") = nullptr)
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)
       .def("traffic",
            [](const ops::Exchanger& ex) {
@@ -46,17 +48,25 @@ void register_exchanger(py::module_& m) {
            "(calls, bytes sent to other ranks) of each phase so far")
       .def("all_to_all", &ops::Exchanger::all_to_all, py::arg("input"), py::call_guard<py::gil_scoped_release>())
       .def("all_to_all_v", &ops::Exchanger::all_to_all_v, py::arg("input"), py::arg("input_splits"),
-           py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>());
+           py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("all_to_all_async", &ops::Exchanger::all_to_all_async, py::arg("input"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("all_to_all_v_async", &ops::Exchanger::all_to_all_v_async, py::arg("input"), py::arg("input_splits"),
+           py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("progress", &ops::Exchanger::progress);
 
   py::class_<ops::GroupGather, std::unique_ptr<ops::GroupGather, DeleteWithoutGil<ops::GroupGather>>>(
       m, "GroupGather", "All-gather along dim 0 over one group's transport.")
-      .def(py::init([](std::shared_ptr<transport::Transport> transport, const std::string& role) {
-             return ops::GroupGather(std::move(transport), role);
+      .def(py::init([](std::shared_ptr<transport::Transport> transport, const std::string& role,
+                       std::shared_ptr<ops::ProgressThread> progress) {
+             return ops::GroupGather(std::move(transport), role, std::move(progress));
            }),
-           py::arg("transport"), py::arg("role"))
+           py::arg("transport"), py::arg("role"), py::arg("progress") = nullptr)
       .def_property_readonly("size", &ops::GroupGather::size)
       .def_property_readonly("rank", &ops::GroupGather::rank)
-      .def("all_gather", &ops::GroupGather::all_gather, py::arg("input"), py::call_guard<py::gil_scoped_release>());
+      .def("all_gather", &ops::GroupGather::all_gather, py::arg("input"), py::call_guard<py::gil_scoped_release>())
+      .def("all_gather_after", &ops::GroupGather::all_gather_after, py::arg("prior"), py::arg("rows"),
+           py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace alltoall::bindings

@@ -23,16 +23,26 @@ ALLTOALL_INLINE RowSpan span_of_block(const int64_t* packed, int64_t block) {
   return RowSpan{packed[3 * block], packed[3 * block + 1], packed[3 * block + 2]};
 }
 
-// Copies the words of one span that belong to `lane` out of `lanes`. The CPU
-// calls it with one lane per span; a CUDA thread block gives each thread a
-// lane, so consecutive threads touch consecutive words.
+// Copies the words [begin, end) of one span that belong to `lane` out of
+// `lanes`: words begin + lane, begin + lane + lanes, ... The CPU calls it
+// with the whole span and one lane; on a GPU several thread blocks share a
+// long span, each a range of it, and consecutive threads touch consecutive
+// words.
 template <typename Word>
-ALLTOALL_INLINE void copy_span_words(const Word* src, Word* dst, RowSpan span, int64_t row_words, int64_t lane,
-                                     int64_t lanes) {
+ALLTOALL_INLINE void copy_span_range(const Word* src, Word* dst, RowSpan span, int64_t row_words, int64_t begin,
+                                     int64_t end, int64_t lane, int64_t lanes) {
   const Word* from = src + span.src_row * row_words;
   Word* to = dst + span.dst_row * row_words;
   const int64_t n = span.rows * row_words;
-  for (int64_t w = lane; w < n; w += lanes) to[w] = from[w];
+  const int64_t last = end < n ? end : n;
+  for (int64_t w = begin + lane; w < last; w += lanes) to[w] = from[w];
+}
+
+// The whole span.
+template <typename Word>
+ALLTOALL_INLINE void copy_span_words(const Word* src, Word* dst, RowSpan span, int64_t row_words, int64_t lane,
+                                     int64_t lanes) {
+  copy_span_range(src, dst, span, row_words, 0, span.rows * row_words, lane, lanes);
 }
 
 // The widest word (16, 8, 4, 2 or 1 bytes) dividing a row and both base

@@ -51,16 +51,34 @@ ALLTOALL_INLINE void tally_cell(const int64_t* expert_index, int64_t k, int64_t 
   for (int64_t s = begin; s < end; ++s) tally[expert_index[s * k + j]] += 1;
 }
 
-// Replaces expert e's counters, taken in priority order (cell 0, 1, ...), by
-// their exclusive prefix sums, and returns the expert's total.
-ALLTOALL_INLINE int64_t scan_expert(int64_t* tally, int64_t num_cells, int64_t num_experts, int64_t e) {
-  int64_t running = 0;
-  for (int64_t c = 0; c < num_cells; ++c) {
+// The prefix sum of expert e's counters runs in priority order (cell 0, 1,
+// ...). These two pieces let it run over segments of cells: the CPU scans
+// all cells as one segment; a GPU thread block gives each thread a segment,
+// sums them, scans the sums across the block and then rescans each segment
+// from its offset.
+
+// The sum of expert e's counters in cells [begin, end).
+ALLTOALL_INLINE int64_t sum_cells(const int64_t* tally, int64_t begin, int64_t end, int64_t num_experts, int64_t e) {
+  int64_t total = 0;
+  for (int64_t c = begin; c < end; ++c) total += tally[c * num_experts + e];
+  return total;
+}
+
+// Replaces expert e's counters in cells [begin, end) by their exclusive
+// prefix sums starting at `running`, and returns the running sum after them.
+ALLTOALL_INLINE int64_t scan_cells(int64_t* tally, int64_t begin, int64_t end, int64_t num_experts, int64_t e,
+                                   int64_t running) {
+  for (int64_t c = begin; c < end; ++c) {
     const int64_t count = tally[c * num_experts + e];
     tally[c * num_experts + e] = running;
     running += count;
   }
   return running;
+}
+
+// All of expert e's counters; returns the expert's total.
+ALLTOALL_INLINE int64_t scan_expert(int64_t* tally, int64_t num_cells, int64_t num_experts, int64_t e) {
+  return scan_cells(tally, 0, num_cells, num_experts, e, 0);
 }
 
 // First buffer row of each expert: e * capacity for the padded [E, C] layout

@@ -58,8 +58,9 @@ void check_splits(const char* name, const Sizes& splits, int world_size) {
 
 }  // namespace
 
-Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports)
-    : plan_(std::move(plan)), transports_(std::move(transports)) {
+Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
+                     std::shared_ptr<ProgressThread> progress)
+    : plan_(std::move(plan)), transports_(std::move(transports)), progress_(std::move(progress)) {
   TORCH_CHECK_VALUE(transports_.size() == plan_.phases.size(), "the plan has ", plan_.phases.size(),
                     " phases but ", transports_.size(), " transports were given");
   for (size_t i = 0; i < transports_.size(); ++i) {
@@ -82,6 +83,10 @@ std::string Exchanger::step_name(size_t phase, const char* what) const {
          std::to_string(plan_.phases.size()) + " (" + plan::to_string(plan_.phases[phase].role) + ")";
 }
 
+Exchanger::~Exchanger() {
+  if (progress_) progress_->synchronize();
+}
+
 void Exchanger::count(size_t phase, int64_t bytes_to_others) const {
   counters_[phase].calls.fetch_add(1, std::memory_order_relaxed);
   counters_[phase].bytes.fetch_add(static_cast<uint64_t>(bytes_to_others), std::memory_order_relaxed);
@@ -94,6 +99,36 @@ std::vector<PhaseTraffic> Exchanger::traffic() const {
     out[i].bytes = counters_[i].bytes.load(std::memory_order_relaxed);
   }
   return out;
+}
+
+ProgressThread& Exchanger::require_progress(const char* what) const {
+  TORCH_CHECK_VALUE(progress_ != nullptr, what, ": this Exchanger was built without a progress thread, so it "
+                    "cannot run asynchronous exchanges (alltoall.Communicator gives its exchangers one)");
+  return *progress_;
+}
+
+ExchangeResult Exchanger::in_order(const std::function<ExchangeResult()>& task, const char* what) const {
+  if (!progress_) return task();
+  return progress_->run(task, label(what));
+}
+
+std::string Exchanger::label(const char* what) const {
+  return std::string("alltoall::") + what + " (" + plan::to_string(plan_.algorithm) + ")";
+}
+
+void Exchanger::check_equal(const at::Tensor& input) const {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all: input must have at least one dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(input.size(0) % plan_.num_blocks == 0, "all_to_all: dim 0 of the input (", input.size(0),
+                    ") is not divisible by the group size ", plan_.num_blocks);
+}
+
+void Exchanger::check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                             const std::optional<std::vector<int64_t>>& output_splits) const {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all_v: input must have at least one dimension, got a 0-d tensor");
+  check_splits("input_splits", input_splits, plan_.num_blocks);
+  TORCH_CHECK_VALUE(total(input_splits) == input.size(0), "all_to_all_v: input_splits sum to ", total(input_splits),
+                    " but dim 0 of the input is ", input.size(0));
+  if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
 }
 
 at::Tensor Exchanger::run_equal(const at::Tensor& source, const at::Tensor& out) const {
@@ -166,19 +201,6 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& s
 
 namespace {
 
-void check_equal_input(const at::Tensor& input, int64_t num_blocks) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all: input must have at least one dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(input.size(0) % num_blocks == 0, "all_to_all: dim 0 of the input (", input.size(0),
-                    ") is not divisible by the group size ", num_blocks);
-}
-
-void check_v_input(const at::Tensor& input, const Sizes& input_splits, int64_t num_blocks) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "all_to_all_v: input must have at least one dimension, got a 0-d tensor");
-  check_splits("input_splits", input_splits, num_blocks);
-  TORCH_CHECK_VALUE(total(input_splits) == input.size(0), "all_to_all_v: input_splits sum to ", total(input_splits),
-                    " but dim 0 of the input is ", input.size(0));
-}
-
 // Receiving straight into `output` needs its bytes in row order and apart
 // from the input's (in-place calls must not overwrite what is still sent).
 bool can_receive_into(const at::Tensor& output, const at::Tensor& source) {
@@ -196,27 +218,16 @@ void finish_into(at::Tensor& output, const at::Tensor& out_bytes, const at::Tens
 
 }  // namespace
 
-at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
-  check_equal_input(input, plan_.num_blocks);
+at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
   const at::Tensor source = input.contiguous();
   at::Tensor buffer = run_equal(source, at::Tensor());
   if (plan_.phases.empty()) buffer = buffer.clone();  // a group of one still returns a new tensor
   return from_byte_rows(buffer, source, input.size(0));
 }
 
-void Exchanger::all_to_all_into(const at::Tensor& input, at::Tensor& output) const {
-  check_equal_input(input, plan_.num_blocks);
-  check_output("all_to_all", output, input, input.size(0));
-  const at::Tensor source = input.contiguous();
-  const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
-  finish_into(output, out_bytes, run_equal(source, out_bytes), source, input.size(0));
-}
-
-std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
     const at::Tensor& input, const std::vector<int64_t>& input_splits,
     const std::optional<std::vector<int64_t>>& output_splits) const {
-  check_v_input(input, input_splits, plan_.num_blocks);
-  if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
   const at::Tensor source = input.contiguous();
   auto [buffer, sizes] = run_v(source, input_splits, output_splits, at::Tensor());
   if (plan_.phases.empty()) buffer = buffer.clone();
@@ -224,15 +235,70 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
   return {from_byte_rows(buffer, source, rows), sizes};
 }
 
+at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
+  check_equal(input);
+  return in_order([&] { return ExchangeResult{run_all_to_all(input), {}}; }, "all_to_all").output;
+}
+
+void Exchanger::all_to_all_into(const at::Tensor& input, at::Tensor& output) const {
+  check_equal(input);
+  check_output("all_to_all", output, input, input.size(0));
+  in_order(
+      [&] {
+        const at::Tensor source = input.contiguous();
+        const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
+        finish_into(output, out_bytes, run_equal(source, out_bytes), source, input.size(0));
+        return ExchangeResult{};
+      },
+      "all_to_all");
+}
+
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+    const at::Tensor& input, const std::vector<int64_t>& input_splits,
+    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  auto result = in_order(
+      [&] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      "all_to_all_v");
+  return {std::move(result.output), std::move(result.splits)};
+}
+
 void Exchanger::all_to_all_v_into(const at::Tensor& input, const std::vector<int64_t>& input_splits,
                                   const std::vector<int64_t>& output_splits, at::Tensor& output) const {
-  check_v_input(input, input_splits, plan_.num_blocks);
-  check_splits("output_splits", output_splits, plan_.num_blocks);
+  check_uneven(input, input_splits, output_splits);
   check_output("all_to_all_v", output, input, total(output_splits));
-  const at::Tensor source = input.contiguous();
-  const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
-  auto result = run_v(source, input_splits, output_splits, out_bytes);
-  finish_into(output, out_bytes, result.first, source, total(output_splits));
+  in_order(
+      [&] {
+        const at::Tensor source = input.contiguous();
+        const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
+        auto result = run_v(source, input_splits, output_splits, out_bytes);
+        finish_into(output, out_bytes, result.first, source, total(output_splits));
+        return ExchangeResult{};
+      },
+      "all_to_all_v");
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const {
+  check_equal(input);
+  ProgressThread& progress = require_progress("all_to_all(async_op=True)");
+  // The task holds the input; the owner's destructor drains the queue
+  // before this exchanger goes away, so `this` outlives the task.
+  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all"));
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                                    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  ProgressThread& progress = require_progress("all_to_all_v(async_op=True)");
+  return progress.submit(
+      [this, input, input_splits, output_splits] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      label("all_to_all_v"));
 }
 
 }  // namespace alltoall::ops

@@ -7,11 +7,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "ops/progress_thread.h"
 #include "plan/exchange_plan.h"
 #include "transport/transport.h"
 
@@ -28,8 +31,14 @@ struct PhaseTraffic {
 class Exchanger {
  public:
   // transports[i] carries phase i of `plan`; its size and rank must match
-  // the phase's group.
-  Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports);
+  // the phase's group. `progress` (may be null) is the owner's FIFO: with
+  // it every call, synchronous or not, runs in issue order with the owner's
+  // other calls, and the *_async calls are available.
+  Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
+            std::shared_ptr<ProgressThread> progress = nullptr);
+  Exchanger(Exchanger&&) = default;
+  // Waits for the owner's queued work, which may point at this exchanger.
+  ~Exchanger();
 
   // Equal splits: dim 0 of `input` holds num_blocks equal blocks, block d for
   // group rank d. Returns what all_to_all_single returns: block s from rank s.
@@ -51,8 +60,15 @@ class Exchanger {
   void all_to_all_v_into(const at::Tensor& input, const std::vector<int64_t>& input_splits,
                          const std::vector<int64_t>& output_splits, at::Tensor& output) const;
 
+  // The same exchanges, queued on the progress thread. The input must not
+  // be modified until the work completes.
+  std::shared_ptr<Work> all_to_all_async(const at::Tensor& input) const;
+  std::shared_ptr<Work> all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                           const std::optional<std::vector<int64_t>>& output_splits) const;
+
   const plan::ExchangePlan& plan() const { return plan_; }
   const std::vector<std::shared_ptr<transport::Transport>>& transports() const { return transports_; }
+  const std::shared_ptr<ProgressThread>& progress() const { return progress_; }
   std::vector<PhaseTraffic> traffic() const;
 
  private:
@@ -60,6 +76,20 @@ class Exchanger {
     std::atomic<uint64_t> calls{0};
     std::atomic<uint64_t> bytes{0};
   };
+
+  // The exchanges themselves, on whatever thread calls them.
+  at::Tensor run_all_to_all(const at::Tensor& input) const;
+  std::pair<at::Tensor, std::vector<int64_t>> run_all_to_all_v(
+      const at::Tensor& input, const std::vector<int64_t>& input_splits,
+      const std::optional<std::vector<int64_t>>& output_splits) const;
+  // Runs `task` in issue order with the owner's other calls (inline when
+  // there is no progress thread).
+  ExchangeResult in_order(const std::function<ExchangeResult()>& task, const char* what) const;
+  void check_equal(const at::Tensor& input) const;
+  void check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                    const std::optional<std::vector<int64_t>>& output_splits) const;
+  ProgressThread& require_progress(const char* what) const;
+  std::string label(const char* what) const;
 
   std::string step_name(size_t phase, const char* what) const;
   // Both variants; `out` is the destination's byte rows, or undefined.
@@ -72,6 +102,7 @@ class Exchanger {
   plan::ExchangePlan plan_;
   std::vector<std::shared_ptr<transport::Transport>> transports_;
   std::unique_ptr<Counter[]> counters_;
+  std::shared_ptr<ProgressThread> progress_;
 };
 
 }  // namespace alltoall::ops

@@ -103,9 +103,13 @@ at::Tensor scatter_blocks(const at::Tensor& input, c10::IntArrayRef starts, c10:
 
 }  // namespace alltoall::ops
 
+// Both ops build their offsets on the host and copy them to the device on
+// every call, so a CUDA graph must not capture them: the tag makes inductor
+// (mode="reduce-overhead") run them outside its graphs.
 TORCH_LIBRARY_FRAGMENT(alltoall, m) {
-  m.def("gather_blocks(Tensor input, int[] starts, int[] counts) -> Tensor");
-  m.def("scatter_blocks(Tensor input, int[] starts, int[] counts, int out_rows) -> Tensor");
+  m.def("gather_blocks(Tensor input, int[] starts, int[] counts) -> Tensor", {at::Tag::cudagraph_unsafe});
+  m.def("scatter_blocks(Tensor input, int[] starts, int[] counts, int out_rows) -> Tensor",
+        {at::Tag::cudagraph_unsafe});
 }
 
 TORCH_LIBRARY_IMPL(alltoall, CPU, m) {

@@ -6,6 +6,7 @@
 
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 namespace alltoall::transport {
 
@@ -39,7 +40,7 @@ class C10dTransport final : public Transport {
     options.timeout = timeout_;
     std::vector<int64_t> out_splits = output_splits;
     std::vector<int64_t> in_splits = input_splits;
-    run(what, [&] {
+    run(what, input.device(), [&] {
       return group_ ? group_->all_to_all_single(output, input, out_splits, in_splits, options)
                     : backend_->alltoall_base(output, input, out_splits, in_splits, options);
     });
@@ -48,7 +49,7 @@ class C10dTransport final : public Transport {
   void all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) override {
     c10d::AllgatherOptions options;
     options.timeout = timeout_;
-    run(what, [&] {
+    run(what, input.device(), [&] {
       return group_ ? group_->all_gather_single(output, input, options)
                     : backend_->_allgather_base(output, input, options);
     });
@@ -57,25 +58,59 @@ class C10dTransport final : public Transport {
   // Issues one collective and waits for it, turning any failure into an
   // error that names the step and the group.
   template <typename Issue>
-  void run(const std::string& what, Issue&& issue) const {
+  void run(const std::string& what, const at::Device& device, Issue&& issue) const {
     try {
       auto work = issue();
-      // wait(timeout) throws when the timeout passes, and rethrows the
-      // backend's own error (for gloo, its per-operation timeout).
-      if (!work->wait(timeout_)) {
-        TORCH_CHECK(false, "did not complete within ", timeout_.count(), " ms");
+      if (waits_on_stream(device)) {
+        // NCCL: make the current stream wait for the collective's end event
+        // and return at once, so the host keeps running ahead. A finite
+        // timeout here would make ProcessGroupNCCL poll on the host until the
+        // GPU finished. The bound is the group's own timeout: its watchdog
+        // aborts the communicator when a collective overruns it.
+        work->wait();
+      } else if (!work->wait(timeout_)) {
+        // Host backends (gloo): wait(timeout) throws when the timeout passes
+        // and rethrows the backend's own error (its per-operation timeout).
+        C10_THROW_ERROR(DistBackendError, "did not complete within " + std::to_string(timeout_.count()) + " ms");
       }
       release_here(std::move(work));
+    } catch (const c10::DistNetworkError& error) {
+      fail<c10::DistNetworkError>(what, error.what_without_backtrace());
+    } catch (const c10::DistStoreError& error) {
+      fail<c10::DistStoreError>(what, error.what_without_backtrace());
+    } catch (const c10::DistError& error) {
+      // DistBackendError and DistError itself: timeouts, aborted
+      // communicators, dead peers. Python sees torch.distributed's class.
+      fail<c10::DistBackendError>(what, error.what_without_backtrace());
     } catch (const c10::Error& error) {
       // The backend's message without its C++ backtrace: ours is enough.
-      fail(what, error.what_without_backtrace());
+      fail<c10::Error>(what, error.what_without_backtrace());
     } catch (const std::exception& error) {
-      fail(what, error.what());
+      fail<c10::Error>(what, error.what());
     }
   }
 
+  // NCCL completes on the GPU: its work is waited for on the stream. Every
+  // other backend completes on the host and is waited for with a bound.
+  // Decided per call: a group with "cpu:gloo,cuda:nccl" uses either.
+  bool waits_on_stream(const at::Device& device) const {
+    if (!device.is_cuda()) return false;
+    return (group_ ? group_->getBackend(device.type())->getBackendName() : backend_name_) == "nccl";
+  }
+
+  // Rethrows as the class of the original error (Python keeps seeing
+  // torch.distributed.DistBackendError and its siblings, which are
+  // RuntimeErrors), with the step, the group and the timeout in front.
+  template <typename ErrorType>
   [[noreturn]] void fail(const std::string& what, const char* cause) const {
-    TORCH_CHECK(false, "alltoall: ", what, " on ", describe(), " failed (timeout ", timeout_.count(), " ms): ", cause);
+    std::ostringstream message;
+    message << "alltoall: " << what << " on " << describe() << " failed (timeout " << timeout_.count()
+            << " ms): " << cause;
+    if constexpr (std::is_same_v<ErrorType, c10::Error>) {
+      TORCH_CHECK(false, message.str());
+    } else {
+      throw ErrorType({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, message.str());
+    }
   }
 
   // A gloo work object captures the caller's thread-local state, which can

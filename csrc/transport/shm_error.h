@@ -2,8 +2,10 @@
 // (shm_transport.cpp) adds the step and the group and rethrows as c10::Error.
 #pragma once
 
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace alltoall::transport {
 
@@ -17,5 +19,14 @@ class ShmPeerDied : public ShmError {
  public:
   using ShmError::ShmError;
 };
+
+// "[a, b, c]", for the ranks in messages.
+inline std::string format_ranks(const std::vector<int>& ranks) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < ranks.size(); ++i) out << (i ? ", " : "") << ranks[i];
+  out << "]";
+  return out.str();
+}
 
 }  // namespace alltoall::transport

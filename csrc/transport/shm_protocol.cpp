@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstring>
 #include <sstream>
+#include <thread>
 
 #include "transport/shm_error.h"
 
@@ -58,14 +59,6 @@ class HostByteMover final : public ByteMover {
     return true;
   }
 };
-
-std::string list(const std::vector<int>& values) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
-  out << "]";
-  return out.str();
-}
 
 }  // namespace
 
@@ -165,16 +158,15 @@ enum class Stage : uint8_t { kDone, kHeader, kBytes, kAwaitRead };
 
 }  // namespace
 
-void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std::string& what) {
-  if (broken_) throw ShmError(what + ": the shared-memory transport is unusable after an earlier failure (" +
-                              broken_reason_ + ")");
+void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
+  if (broken_) throw ShmError("the shared-memory transport is unusable after an earlier failure (" + broken_reason_ + ")");
   if (static_cast<int>(transfers.size()) != size_) {
-    throw ShmError(what + ": " + std::to_string(transfers.size()) + " transfers for a group of " +
+    throw ShmError(std::to_string(transfers.size()) + " transfers for a group of " +
                    std::to_string(size_));
   }
   const PeerTransfer& own = transfers[rank_];
   if (own.send_bytes != own.recv_bytes) {
-    throw ShmError(what + ": this rank sends itself " + std::to_string(own.send_bytes) + " bytes but expects " +
+    throw ShmError("this rank sends itself " + std::to_string(own.send_bytes) + " bytes but expects " +
                    std::to_string(own.recv_bytes));
   }
   if (own.send_bytes > 0) mover_.copy(own.recv, own.send, own.send_bytes);
@@ -202,7 +194,7 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std
   auto fail = [&](const std::string& reason) {
     broken_ = true;
     broken_reason_ = reason;
-    throw ShmError(what + ": " + reason);
+    throw ShmError(reason);
   };
 
   auto push = [&](int j) -> bool {
@@ -277,6 +269,10 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std
         // The sender waits for `consumed` to pass this header before it
         // reuses its buffer, so advance it only once the bytes are here.
         if (!mover_.read_remote(segment_.pid_of(j), h.address, t.recv, t.recv_bytes)) {
+          // A sender that is dying cannot be read: the kernel drops its
+          // memory before its files, so give its lock a moment to go.
+          for (int i = 0; i < 100 && segment_.alive(j); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+          if (!segment_.alive(j)) fail_waiting({j}, false);
           fail("cross-memory read of " + std::to_string(t.recv_bytes) + " bytes from group rank " +
                std::to_string(j) + " failed");
         }
@@ -355,13 +351,13 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers, const std
       }
       bool dead = false;
       for (int j : waiting_on) dead = dead || !segment_.alive(j);
-      if (dead || now >= deadline) fail_waiting(what, waiting_on, !dead);
+      if (dead || now >= deadline) fail_waiting(waiting_on, !dead);
     }
     if (sleep_on_doorbell(my_doorbell, policy.sleep_slice, pass)) idle = 0;
   }
 }
 
-void ShmProtocol::fail_waiting(const std::string& what, const std::vector<int>& waiting_on, bool timed_out) {
+void ShmProtocol::fail_waiting(const std::vector<int>& waiting_on, bool timed_out) {
   broken_ = true;
   std::vector<int> dead;
   for (int j : waiting_on) {
@@ -371,12 +367,13 @@ void ShmProtocol::fail_waiting(const std::string& what, const std::vector<int>& 
     std::vector<int> global;
     for (int j : dead) global.push_back(segment_.global_ranks()[j]);
     broken_reason_ = "peer(s) died";
-    throw ShmPeerDied(what + ": group rank(s) " + list(dead) + " (global rank(s) " + list(global) +
-                      ") exited while this rank waited for them in shared memory");
+    throw ShmPeerDied("group rank(s) " + format_ranks(dead) + " (global rank(s) " + format_ranks(global) +
+                      ") left while this rank waited for them in shared memory (their process exited, or closed this "
+                      "group's transport)");
   }
   broken_reason_ = "timeout";
-  throw ShmError(what + ": timed out after " + std::to_string(segment_.timeout().count()) +
-                 " ms waiting in shared memory for group rank(s) " + list(waiting_on));
+  throw ShmError("timed out after " + std::to_string(segment_.timeout().count()) +
+                 " ms waiting in shared memory for group rank(s) " + format_ranks(waiting_on));
 }
 
 }  // namespace alltoall::transport

@@ -64,8 +64,8 @@ class ShmProtocol {
   // Sends transfers[j].send to member j and receives from j into
   // transfers[j].recv, for every j (j == rank is a local copy). Returns when
   // this member's receives are complete and its send buffers may be reused.
-  // Throws ShmError (ShmPeerDied for a dead peer) naming `what`.
-  void exchange(const std::vector<PeerTransfer>& transfers, const std::string& what);
+  // Throws ShmError (ShmPeerDied for a dead peer); the caller names the step.
+  void exchange(const std::vector<PeerTransfer>& transfers);
 
   bool single_copy() const { return single_copy_; }
   const ShmSegment& segment() const { return segment_; }
@@ -74,7 +74,7 @@ class ShmProtocol {
  private:
   struct Layout;
   void probe_single_copy();
-  [[noreturn]] void fail_waiting(const std::string& what, const std::vector<int>& waiting_on, bool timed_out);
+  [[noreturn]] void fail_waiting(const std::vector<int>& waiting_on, bool timed_out);
 
   ShmSegment segment_;
   ProtocolOptions options_;

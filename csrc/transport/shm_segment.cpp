@@ -46,14 +46,6 @@ int32_t* pids_table(uint8_t* base, size_t members) { return ranks_table(base) + 
 
 std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
 
-std::string list(const std::vector<int>& values) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
-  out << "]";
-  return out.str();
-}
-
 void check_spec(const SegmentSpec& spec) {
   if (spec.name.empty() || spec.name[0] != '/' || spec.name.find('/', 1) != std::string::npos) {
     throw ShmError("shared-memory segment name '" + spec.name + "' must be '/' followed by a name without '/'");
@@ -197,8 +189,8 @@ ShmSegment ShmSegment::attach(const SegmentSpec& spec) {
   }
   std::vector<int> ranks(ranks_table(base), ranks_table(base) + h->members);
   if (ranks != spec.global_ranks) {
-    throw ShmError("shared-memory segment " + spec.name + " is for global ranks " + list(ranks) +
-                   " but this process expected " + list(spec.global_ranks));
+    throw ShmError("shared-memory segment " + spec.name + " is for global ranks " + format_ranks(ranks) +
+                   " but this process expected " + format_ranks(spec.global_ranks));
   }
   segment.lock_own_byte();
   return segment;
@@ -251,9 +243,14 @@ void ShmSegment::barrier(int round, const std::string& what) const {
     const auto now = std::chrono::steady_clock::now();
     if (now > next_check) {
       next_check = now + std::chrono::milliseconds(200);
-      const auto dead = dead_members();
+      // Only members that attached can have left: one that holds no lock
+      // yet may simply not have been scheduled since the segment appeared.
+      std::vector<int> dead;
+      for (int r : dead_members()) {
+        if (pid_of(r) != 0) dead.push_back(r);
+      }
       if (!dead.empty()) {
-        throw ShmError(what + ": group member(s) " + list(dead) + " of segment " + name_ + " exited");
+        throw ShmError(what + ": group member(s) " + format_ranks(dead) + " of segment " + name_ + " exited");
       }
     }
     if (now > deadline) {

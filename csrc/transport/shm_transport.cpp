@@ -85,7 +85,7 @@ class ShmTransport final : public Transport {
     const size_t shown = std::min<size_t>(ranks.size(), 16);
     for (size_t i = 0; i < shown; ++i) out << (i ? ", " : "") << ranks[i];
     if (shown < ranks.size()) out << ", ... " << ranks.size() << " in all";
-    out << "], this rank is " << rank() << " of " << size() << ", shared memory on host " << host_ << ")";
+    out << "], this rank is " << rank() << " of " << size() << "; shared memory on host " << host_ << ")";
     return out.str();
   }
 
@@ -102,9 +102,7 @@ class ShmTransport final : public Transport {
     // One exchange at a time per group: the rings are streams.
     std::lock_guard<std::mutex> lock(mutex_);
     try {
-      protocol_.exchange(transfers, what);
-    } catch (const ShmPeerDied& error) {
-      TORCH_CHECK_WITH(DistBackendError, false, "alltoall: ", what, " on ", describe(), " failed: ", error.what());
+      protocol_.exchange(transfers);
     } catch (const ShmError& error) {
       TORCH_CHECK_WITH(DistBackendError, false, "alltoall: ", what, " on ", describe(), " failed (timeout ",
                        protocol_.segment().timeout().count(), " ms): ", error.what());

@@ -3,18 +3,21 @@ Megatron-Core's all-to-all on 8 ranks in emulated nodes of 4, once on plain
 gloo and once on "alltoall". Forward and backward must be bit-identical, and
 the alltoall run's counters must show the hierarchical plan ran.
 
-Each run starts the way the client is started under torchrun (RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment): the pool's own
-default group is destroyed and the client creates the default group itself
-with the backend under test. The clients keep their groups in module
-globals, so each run first forgets the previous run's (the groups were
-destroyed with it)."""
+To keep CI cheap, one job of the 8 pool ranks does both runs: the reference
+on the pool's own gloo default group, then the switched run started the way
+torchrun starts a client (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
+environment): the gloo group is destroyed and the client creates the
+default group itself with "alltoall". The clients keep their groups in
+module globals, so the second run first forgets the first run's (they were
+destroyed with it). Every client wait is bounded by CLIENT_TIMEOUT."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import socket
+from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 import torch
@@ -25,6 +28,10 @@ from tests.harness.checks import assert_same_bytes
 
 WORLD = 8
 ENV = {"ALLTOALL_LOCAL_SIZE": "4", "ALLTOALL_ALGORITHM": "hierarchical"}
+# The clients' own default is 30 minutes; a broken run must fail sooner.
+CLIENT_TIMEOUT = timedelta(seconds=120)
+# Both runs, and the first import of the client on 8 ranks sharing 2 cores.
+DEADLINE_S = 420
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (make install adds the [clients] extra)")
@@ -41,7 +48,7 @@ def _launcher_env() -> dict[str, str]:
 
 
 def _as_torchrun_rank() -> int:
-    """Leaves the pool's group and sets what torchrun sets for this rank."""
+    """Leaves the current default group and sets what torchrun sets for this rank."""
     rank = dist.get_rank()
     dist.destroy_process_group()
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
@@ -50,6 +57,22 @@ def _as_torchrun_rank() -> int:
 
 def _stats_of(group: dist.ProcessGroup) -> dict | None:
     return alltoall.backend_stats(group) if dist.get_backend(group) == "alltoall" else None
+
+
+def _both(run: Callable[[str], dict]) -> tuple[dict, dict]:
+    """``run`` on the pool's gloo default group, then on an "alltoall"
+    default group the client creates from torchrun's environment."""
+    assert dist.get_backend() == "gloo"
+    reference = run("gloo")
+    _as_torchrun_rank()
+    try:
+        ours = run("alltoall")
+    finally:
+        # The pool restores only the variables it set; later tests must not
+        # see a launcher.
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+    return reference, ours
 
 
 # DeepSpeed --------------------------------------------------------------------
@@ -71,18 +94,20 @@ def _deepspeed_moe(backend: str) -> dict:
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
-    rank = _as_torchrun_rank()
     _forget_deepspeed_groups()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    # On the gloo run the default group exists and DeepSpeed adopts it; on the
+    # alltoall run DeepSpeed creates it, as under torchrun.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=CLIENT_TIMEOUT)
     assert dist.get_backend() == backend
-    hidden, experts = 16, 16
+    rank = dist.get_rank()
+    hidden, experts = 8, 8
     torch.manual_seed(0)  # the same gate and experts on every rank
-    expert = torch.nn.Sequential(torch.nn.Linear(hidden, 32), torch.nn.GELU(), torch.nn.Linear(32, hidden))
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, 16), torch.nn.GELU(), torch.nn.Linear(16, hidden))
     layer = MoE(hidden, expert, num_experts=experts, ep_size=WORLD, k=1, min_capacity=4, drop_tokens=False,
                 use_rts=False)
     layer.set_deepspeed_parallelism()
     torch.manual_seed(100 + rank)  # different tokens on every rank
-    x = torch.randn(4, 6, hidden, requires_grad=True)
+    x = torch.randn(2, 6, hidden, requires_grad=True)
     out, aux, counts = layer(x)
     (out.square().sum() + aux).backward()
     ep_group = groups._get_expert_parallel_group(f"ep_size_{WORLD}")
@@ -91,8 +116,12 @@ def _deepspeed_moe(backend: str) -> dict:
             "world_stats": _stats_of(dist.group.WORLD)}
 
 
-def _compare(reference: list[dict], ours: list[dict], keys: tuple[str, ...]) -> None:
-    for rank, (a, b) in enumerate(zip(reference, ours, strict=True)):
+def _deepspeed_both() -> tuple[dict, dict]:
+    return _both(_deepspeed_moe)
+
+
+def _compare(results: list[tuple[dict, dict]], keys: tuple[str, ...]) -> None:
+    for rank, (a, b) in enumerate(results):
         for key in keys:
             if isinstance(a[key], dict):
                 assert a[key].keys() == b[key].keys()
@@ -111,16 +140,14 @@ def _hierarchical_ran(stats: dict, at_least: int) -> None:
 
 
 @needs_deepspeed
-@pytest.mark.skip(reason="not passing yet: on a loaded 2-core machine even the plain-gloo reference run did not "
-                         "finish within 400 s (first run, 15:36); to debug before merging (issue 11)")
 def test_deepspeed_moe_layer(world_pools):
-    reference = world_pools.run(WORLD, _deepspeed_moe, "gloo", env=_launcher_env(), deadline_s=400)
-    ours = world_pools.run(WORLD, _deepspeed_moe, "alltoall", env=_launcher_env(), deadline_s=400)
-    _compare(reference, ours, ("out", "aux", "counts", "x_grad", "grads"))
-    for result in ours:
+    results = world_pools.run(WORLD, _deepspeed_both, env=_launcher_env(), deadline_s=DEADLINE_S)
+    _compare(results, ("out", "aux", "counts", "x_grad", "grads"))
+    for reference, ours in results:
+        assert reference["stats"] is None  # the reference ran on plain gloo
         # Two exchanges forward (dispatch, combine), two backward.
-        _hierarchical_ran(result["stats"], at_least=4)
-        assert result["stats"]["forwarded"] > 0  # the gate's all-reduce of the capacity
+        _hierarchical_ran(ours["stats"], at_least=4)
+        assert ours["world_stats"]["forwarded"] > 0  # the gate's all-reduce of the capacity
 
 
 # Megatron-Core ----------------------------------------------------------------
@@ -152,9 +179,12 @@ def _megatron_moe(backend: str) -> dict:
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    rank = _as_torchrun_rank()
     parallel_state.destroy_model_parallel()  # the previous run's groups died with its default group
-    dist.init_process_group(backend)  # as Megatron-LM's initialize does, from torchrun's environment
+    if not dist.is_initialized():
+        # As Megatron-LM's initialize does, from torchrun's environment.
+        dist.init_process_group(backend, timeout=CLIENT_TIMEOUT)
+    assert dist.get_backend() == backend
+    rank = dist.get_rank()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
     ep_group = parallel_state.get_expert_model_parallel_group()
     if not torch.cuda.is_available() and MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
@@ -188,14 +218,16 @@ def _megatron_moe(backend: str) -> dict:
             "padded_stats": padded_calls, "stats": _stats_of(ep_group)}
 
 
+def _megatron_both() -> tuple[dict, dict]:
+    return _both(_megatron_moe)
+
+
 @needs_megatron
-@pytest.mark.skip(reason="not run yet in the pool (the dispatcher's padded mode was checked on 2 gloo ranks by "
-                         "hand); to run before merging (issue 11)")
 def test_megatron_core_alltoall_dispatcher(world_pools):
-    reference = world_pools.run(WORLD, _megatron_moe, "gloo", env=_launcher_env(), deadline_s=400)
-    ours = world_pools.run(WORLD, _megatron_moe, "alltoall", env=_launcher_env(), deadline_s=400)
-    _compare(reference, ours, ("out", "tokens_per_expert", "tokens_grad", "logits_grad", "received", "rows_grad"))
-    for result in ours:
+    results = world_pools.run(WORLD, _megatron_both, env=_launcher_env(), deadline_s=DEADLINE_S)
+    _compare(results, ("out", "tokens_per_expert", "tokens_grad", "logits_grad", "received", "rows_grad"))
+    for reference, result in results:
+        assert reference["stats"] is None
         # Dispatch and combine move tokens and probabilities: 3 forward, 3 backward.
         _hierarchical_ran(result["padded_stats"], at_least=6)
         _hierarchical_ran(result["stats"], at_least=result["padded_stats"]["algorithms"]["hierarchical"]["calls"] + 2)

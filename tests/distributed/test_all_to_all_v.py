@@ -213,3 +213,31 @@ def test_check_catches_equal_split_size_mismatch(worlds):
     messages = worlds.run(4, _equal_split_size_mismatch, deadline_s=60)
     assert len(set(messages)) == 1
     assert "dim 0 differs across ranks ([4, 8, 8, 8])" in messages[0]
+
+
+def _one_wrong_sender(sender: int, algorithm: str) -> str:
+    rank, p = dist.get_rank(), dist.get_world_size()
+    sender = sender % p
+    receiver = (sender + 1) % p
+    comm = alltoall.Communicator(local_size=2, timeout=20)
+    m = split_matrix("random", p, 5)
+    ins, outs = list(m[rank]), [m[s][rank] for s in range(p)]
+    if rank == sender:
+        ins[receiver] += 1  # the receiver still expects the old count
+    x = rank_input(rank, sum(ins), (2,), torch.float32)
+    with pytest.raises(ValueError) as info:
+        comm.all_to_all_v(x, ins, outs, algorithm, check=True)
+    return str(info.value)
+
+
+# The first and the last rank as the only wrong sender: a check that skipped
+# either end of the group (rank 0's row of the split matrix, or the last
+# rank's) would pass every other case.
+@pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
+@pytest.mark.parametrize("sender", [0, -1], ids=["rank0", "last-rank"])
+def test_check_catches_a_single_wrong_sender_at_either_end(worlds, sender, algorithm):
+    messages = worlds.run(4, _one_wrong_sender, sender, algorithm, deadline_s=60)
+    assert len(set(messages)) == 1, f"ranks raised different errors: {messages}"
+    s = sender % 4
+    assert re.search(rf"rank {s} sends \d+ rows to rank {(s + 1) % 4}, which expects \d+", messages[0]), messages[0]
+    assert messages[0].count(" sends ") == 1, messages[0]

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tests.multinode.reports import assert_topology, expected_counts, read_reports
+from tests.multinode.reports import assert_topology, assert_transports, expected_counts, read_reports
 
 
 def check(out: Path, world_size: int, placements: list[str]) -> list[str]:
@@ -38,6 +38,7 @@ def check(out: Path, world_size: int, placements: list[str]) -> list[str]:
             rank = r if placement == "launch" else reports[r]["cyclic_rank"]
             try:
                 assert_topology(seen["topology"], by_rank[placement], rank)
+                assert_transports(seen["transports"], by_rank[placement], reports[r]["launch"]["backend"])
                 assert seen["checks"] == expected_counts(world_size, list(seen["checks"]))
             except AssertionError as error:
                 problems.append(f"rank {r}, placement {placement}: {error}")

@@ -47,6 +47,7 @@ from tests.multinode.exchange_checks import CHECKS
 
 BACKEND_ENV = "ALLTOALL_TEST_BACKEND"
 FAULT_SEEN_EXIT = 3
+FAULT_REPORT_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +87,9 @@ def describe_topology(comm: alltoall.Communicator) -> dict[str, Any]:
 
 def run_placement(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     comm = alltoall.Communicator(local_size=args.local_size, timeout=args.timeout)
-    result = {"topology": describe_topology(comm), "checks": {}}
+    result = {"topology": describe_topology(comm), "checks": {},
+              "transports": {alg: list(comm.transports(alg)) for alg in ("flat", "hierarchical")
+                             if comm.topology.uniform or alg == "flat"}}
     for name in args.checks.split(","):
         result["checks"][name] = CHECKS[name](comm, device, args.seed)
     return result
@@ -169,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"rank {rank}: FAILED\n{report['error']}", file=sys.stderr, flush=True)
     if args.suite == "fault" or failed:
-        # After a fault the group is broken: tearing it down could block, so leave at once.
+        # After a fault the group is broken: tearing it down could block, so
+        # leave without it. But not at once: a launcher ends its other workers
+        # when one exits, and a peer on this host that detects the fault a
+        # little later (shared memory, then a TCP phase) must still report.
+        if args.suite == "fault":
+            time.sleep(FAULT_REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(1 if failed else FAULT_SEEN_EXIT)
     dist.destroy_process_group()

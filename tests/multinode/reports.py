@@ -62,6 +62,17 @@ def numbered(hosts_by_rank: Sequence[str]) -> list[int]:
     return [ids.setdefault(h, len(ids)) for h in hosts_by_rank]
 
 
+def assert_transports(seen: dict[str, list[str]], hosts_by_rank: Sequence[str], backend: str) -> None:
+    """Shared memory inside a host, the backend between hosts: the flat
+    exchange spans hosts, the hierarchical one has an intra-host phase."""
+    spans = len(set(hosts_by_rank)) > 1
+    c10d = f"c10d:{backend}"
+    host_tensors = backend != "nccl"
+    assert seen["flat"] == [c10d if spans or not host_tensors else "shm"], seen
+    if "hierarchical" in seen and spans:
+        assert seen["hierarchical"] == ["shm" if host_tensors else c10d, c10d], seen
+
+
 def assert_topology(seen: dict[str, Any], hosts_by_rank: Sequence[str], rank: int) -> None:
     """A rank's detected topology is the emulated layout."""
     nodes = numbered(hosts_by_rank)

@@ -28,6 +28,7 @@ from tests.multinode.reports import (
     ROOT,
     assert_all_ranks_passed,
     assert_topology,
+    assert_transports,
     expected_counts,
     logs,
     rank_checks_argv,
@@ -83,6 +84,8 @@ def test_core_suite_under_torchrun(cluster_factory, tmp_path, nodes, per_node):
         assert_topology(cyc["topology"], cyclic, report["cyclic_rank"])
         assert launch["checks"] == expected_counts(world), f"rank {rank}"
         assert cyc["checks"] == expected_counts(world), f"rank {rank}, cyclic"
+        assert_transports(launch["transports"], block, BACKEND)
+        assert_transports(cyc["transports"], cyclic, BACKEND)
     # The checker for real clusters, which learns the hosts from the reports, agrees.
     assert check_reports.check(tmp_path, world, ["launch", "cyclic"]) == []
 
@@ -121,7 +124,8 @@ FAULT_TIMEOUT_S = 6.0
 FAULT_SLACK_S = 10.0
 ERROR_NAMING = re.compile(
     r"alltoall: (flat|hierarchical) all_to_all phase \d/\d \((world|intra_node|inter_node)\) "
-    r"on group '[^']+' \(global ranks \[[\d, ]+\], this rank is \d+ of \d+\) failed \(timeout 6000 ms\)"
+    r"on group '[^']+' \(global ranks \[[\d, ]+\], this rank is \d+ of \d+(; shared memory on host [^)]+)?\) "
+    r"failed \(timeout 6000 ms\)"
 )
 
 

@@ -9,10 +9,11 @@ import secrets
 import pytest
 
 from alltoall._library import _C
+from tests.conftest import SESSION_PREFIX
 
 
 def _name() -> str:
-    return f"/alltoall-test-{secrets.token_hex(6)}"
+    return f"/{SESSION_PREFIX}{secrets.token_hex(6)}"
 
 
 def test_segment_is_private_to_its_user():

@@ -3,6 +3,7 @@ reference with the same weights: outputs, aux loss, counts and gradients."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -121,3 +122,29 @@ def test_bad_arguments_raise_value_errors():
             call()
     with pytest.raises(ValueError, match=r"groups must be an alltoall\.ParallelGroups, got object"):
         MoE(4, num_experts=2, ffn_hidden_size=8, groups=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("drop_tokens", [True, False], ids=["drop", "dropless"])
+def test_layer_on_cuda_matches_the_cpu(drop_tokens):
+    torch.manual_seed(3)
+    cpu_layer = MoE(32, num_experts=6, k=2, ffn_hidden_size=48, drop_tokens=drop_tokens, capacity_factor=1.0,
+                    min_capacity=1).double()  # float64: no near-tie can route differently
+    gpu_layer = copy.deepcopy(cpu_layer).cuda()
+    x0 = torch.randn(4, 50, 32, dtype=torch.float64)
+    probe = torch.randn(4, 50, 32, dtype=torch.float64)
+    results = []
+    for layer, device in ((cpu_layer, "cpu"), (gpu_layer, "cuda")):
+        x = x0.to(device).requires_grad_()
+        out, aux, counts = layer(x)
+        ((out * probe.to(device)).sum() + 0.5 * aux).backward()
+        results.append((out.detach().cpu(), aux.detach().cpu(), counts.cpu(), x.grad.cpu(),
+                        {n: p.grad.cpu() for n, p in layer.named_parameters()}))
+    (out_c, aux_c, counts_c, gx_c, grads_c), (out_g, aux_g, counts_g, gx_g, grads_g) = results
+    assert torch.equal(counts_c, counts_g)  # same routing, so the same drops
+    tol = {"atol": 1e-9, "rtol": 1e-9}
+    torch.testing.assert_close(out_g, out_c, **tol)
+    torch.testing.assert_close(aux_g, aux_c, **tol)
+    torch.testing.assert_close(gx_g, gx_c, **tol)
+    for name, grad in grads_c.items():
+        torch.testing.assert_close(grads_g[name], grad, **tol, msg=name)

@@ -167,3 +167,27 @@ def test_tp_only_applies_to_coordinated():
         alltoall.plan(8, 4, "flat", tp=2)
     with pytest.raises(ValueError, match="tp=3 must be >= 1 and divide world_size=8"):
         alltoall.plan(8, 4, "coordinated", tp=3)
+
+
+@pytest.mark.parametrize(
+    ("world", "per_node", "algorithm", "tp", "transport", "expected"),
+    [
+        (16, 8, "flat", 1, "auto", ("c10d",)),
+        (8, 8, "flat", 1, "auto", ("shm",)),
+        (16, 8, "hierarchical", 1, "auto", ("shm", "c10d")),
+        (16, 8, "hierarchical", 1, "c10d", ("c10d", "c10d")),
+        (16, 4, "coordinated", 2, "auto", ("c10d", "shm")),
+        (8, 8, "hierarchical", 1, "shm", ("shm",)),
+    ],
+)
+def test_plans_say_what_carries_each_phase(world, per_node, algorithm, tp, transport, expected):
+    summary = alltoall.plan(world, per_node, algorithm, tp, transport=transport)
+    assert summary.transports == expected
+    assert len(summary.transports) == len(summary.phases)
+
+
+def test_shared_memory_cannot_carry_a_phase_across_nodes():
+    with pytest.raises(ValueError, match="transport='shm': the inter_node phase of the hierarchical plan spans nodes"):
+        alltoall.plan(16, 8, "hierarchical", transport="shm")
+    with pytest.raises(ValueError, match="transport='tcp' is not one of auto, shm, c10d"):
+        alltoall.plan(16, 8, "flat", transport="tcp")

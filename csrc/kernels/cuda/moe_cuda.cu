@@ -4,6 +4,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 
@@ -24,7 +27,8 @@ int grid_for(int64_t items, int64_t per_block) {
 }
 
 // The route: one thread per token for top-k, one per cell for tallies and
-// slots, one per expert for the scan. The logic is moe_element.h's.
+// slots, one thread block per expert for the scan. The logic is
+// moe_element.h's.
 template <typename T, typename Acc>
 __global__ void top_k_kernel(const T* logits, int64_t tokens, int64_t experts, int64_t k, int64_t* index) {
   for (int64_t s = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; s < tokens; s += int64_t{gridDim.x} * blockDim.x) {
@@ -41,9 +45,24 @@ __global__ void tally_kernel(const int64_t* index, int64_t tokens, int64_t k, in
   }
 }
 
+// Expert e's counters over all cells, as a parallel prefix sum: each thread
+// takes a contiguous segment of cells, the block scans the segments' sums,
+// and each thread rescans its segment from its offset. Priority order is
+// kept: segment t precedes segment t + 1.
 __global__ void scan_kernel(int64_t* tally, int64_t cells, int64_t experts, int64_t* counts) {
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < experts; e += int64_t{gridDim.x} * blockDim.x) {
-    counts[e] = scan_expert(tally, cells, experts, e);
+  using BlockScan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename BlockScan::TempStorage scratch;
+  const int64_t per_thread = (cells + kThreads - 1) / kThreads;
+  const int64_t first = threadIdx.x * per_thread;
+  const int64_t begin = first < cells ? first : cells;
+  const int64_t end = begin + per_thread < cells ? begin + per_thread : cells;
+  for (int64_t e = blockIdx.x; e < experts; e += gridDim.x) {
+    int64_t offset = 0;
+    int64_t total = 0;
+    BlockScan(scratch).ExclusiveSum(sum_cells(tally, begin, end, experts, e), offset, total);
+    scan_cells(tally, begin, end, experts, e, offset);
+    if (threadIdx.x == 0) counts[e] = total;
+    __syncthreads();  // scratch is reused by the next expert
   }
 }
 
@@ -102,7 +121,8 @@ void route_cuda(const at::Tensor& logits, int64_t capacity, RouteTable& table) {
   const int64_t k = table.expert_index.size(1);
   const int64_t chunks = (tokens + kRouteChunk - 1) / kRouteChunk;
   const int64_t cells = k * chunks;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto stream = at::cuda::getCurrentCUDAStream(logits.device().index());
   const auto options = logits.options().dtype(at::kLong);
   at::Tensor tally = at::zeros({std::max<int64_t>(cells, 1), experts}, options);
   at::Tensor base = at::empty({experts}, options);
@@ -119,7 +139,7 @@ void route_cuda(const at::Tensor& logits, int64_t capacity, RouteTable& table) {
                                                                      tally.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  scan_kernel<<<grid_for(experts, kThreads), kThreads, 0, stream>>>(tally.mutable_data_ptr<int64_t>(), cells,
+  scan_kernel<<<grid_for(experts, 1), kThreads, 0, stream>>>(tally.mutable_data_ptr<int64_t>(), cells,
                                                                     experts, counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bases_kernel<<<1, 1, 0, stream>>>(counts, experts, capacity, base.mutable_data_ptr<int64_t>());
@@ -137,7 +157,8 @@ void dispatch_cuda(const at::Tensor& x, const at::Tensor& source, const at::Tens
   const int64_t rows = out.size(0);
   const int64_t cols = out.size(1);
   if (rows == 0 || cols == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream(x.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_dispatch_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
     dispatch_kernel<scalar_t, Acc><<<grid_for(rows, 1), kThreads, 0, stream>>>(
@@ -151,7 +172,8 @@ void combine_cuda(const at::Tensor& rows, const at::Tensor& dest_row, const at::
   const int64_t tokens = y.size(0);
   const int64_t cols = y.size(1);
   if (tokens == 0 || cols == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(rows.device());
+  auto stream = at::cuda::getCurrentCUDAStream(rows.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "moe_combine_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
     combine_kernel<scalar_t, Acc><<<grid_for(tokens, 1), kThreads, 0, stream>>>(
@@ -165,7 +187,8 @@ void weight_grad_cuda(const at::Tensor& tokens, const at::Tensor& rows, const at
                       at::Tensor& grad) {
   const int64_t assignments = dest_row.numel();
   if (assignments == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  auto stream = at::cuda::getCurrentCUDAStream(tokens.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "moe_weight_grad_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
     weight_grad_kernel<scalar_t, Acc><<<grid_for(assignments, 1), kThreads, 0, stream>>>(

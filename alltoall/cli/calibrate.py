@@ -1,0 +1,229 @@
+"""``alltoall-bench --calibrate``: fits a cost profile on the running job.
+
+Every rank runs this; rank 0 writes the profile. The sweep times flat
+exchanges on the groups the plans use, each on every transport the
+Communicator offers, so each link class is measured where it carries
+traffic:
+
+- the node group (this rank's node): the intra-node class(es);
+- the rail group (one rank per node, same local index): the inter-node class;
+- pairs inside each (one message per call), which tell the fixed cost of a
+  phase from the cost per message;
+- local copy passes (``gather_blocks`` reversing the blocks): the copy rate.
+
+All groups of a scope run at once, as in an exchange, so links and cores
+shared between them are shared while timed. A flat exchange of b bytes per
+rank on a group of k ranks sends k-1 messages and b(k-1)/k bytes, so each
+(class, group, size) is one sample of ``phase + messages * alpha + bytes /
+bandwidth`` (calibrate_fit): a flat exchange is one phase. A class measured
+both inside a node and across real hosts (gloo's "tcp": loopback and
+network) is fitted from the cross-host samples, the ones its inter-node
+phases see. Times are the slowest rank's mean per call.
+
+Sizes: 1 KiB to 4 MiB per rank, x4 steps, fewer calls at larger sizes, so
+the whole sweep stays well under a minute on 8 ranks of a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import alltoall
+from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
+from alltoall.plan import Profile
+from alltoall.plan import profile as profiles
+from alltoall.topology import Topology
+from alltoall.transport import GroupRef, new_subgroups, resolve_timeout
+
+SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
+# Transports tried on every group, in order; "default" is what "auto" runs on.
+TRANSPORTS = ("default", "shm", "c10d")
+
+
+def _calls(size: int) -> tuple[int, int]:
+    """(warm-up, timed) calls for a size: the same on every rank."""
+    if size <= 16 * 1024:
+        return 3, 30
+    if size <= 256 * 1024:
+        return 2, 10
+    return 1, 4
+
+
+@dataclass
+class GroupRun:
+    scope: str  # "node", "node pairs", "rail" or "rail pairs"
+    transport: str
+    link: str
+    comm: alltoall.Communicator | None
+
+
+def _scopes(topology: Topology) -> list[tuple[str, tuple[int, ...] | None]]:
+    """(scope, this rank's group in it or None), the same scopes on every
+    rank. Pairs (consecutive members of the node or rail group) time one
+    message per call, which tells the fixed cost of a phase from alpha."""
+    rank = topology.rank
+    out: list[tuple[str, tuple[int, ...] | None]] = []
+    groups = [("node", topology.ranks_of_node(topology.node))]
+    if topology.num_nodes > 1:
+        groups.append(("rail", topology.ranks_with_local_rank(topology.local_rank)))
+    for scope, members in groups:
+        out.append((scope, members if len(members) > 1 else None))
+        if len(members) > 2:
+            i = members.index(rank)
+            pair = members[i - i % 2: i - i % 2 + 2]
+            out.append((f"{scope} pairs", pair if len(pair) == 2 else None))
+    return out
+
+
+def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeout) -> list[GroupRun | None]:
+    """Per transport of TRANSPORTS: a Communicator on ``members`` (global
+    ranks), or None where this rank has no group, the transport does not
+    exist or cannot run here, or it gives a link class already covered."""
+    if members is None:
+        return [None] * len(TRANSPORTS)
+    # Only this rank's own group: calibration runs on host backends, where
+    # groups are created with local synchronisation (new_subgroups).
+    ref = new_subgroups(GroupRef.of(None), [list(members)], timeout, f"alltoall_calibrate_{scope.replace(' ', '_')}")
+    assert ref is not None
+    topo = Topology.emulate(len(members), len(members), members.index(rank))
+    runs: list[GroupRun | None] = []
+    seen: set[str] = set()
+    for transport in TRANSPORTS:
+        kwargs = {} if transport == "default" else {"transport": transport}
+        try:
+            comm = alltoall.Communicator(ref.group, topology=topo, timeout=timeout, **kwargs)
+        except (TypeError, ValueError):  # no such transport in this build, or not on this group
+            runs.append(None)
+            continue
+        link = comm.links("flat")[0]
+        runs.append(None if link in seen else GroupRun(scope, transport, link, comm))
+        seen.add(link)
+    return runs
+
+
+def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup) -> float:
+    warmup, timed = _calls(size)
+    for _ in range(warmup):
+        call()
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for _ in range(timed):
+        call()
+    seconds = torch.tensor([(time.perf_counter() - start) / timed], dtype=torch.float64)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # over the world: every rank's time counts
+    return float(seconds.item()) * 1e6
+
+
+def _copy_samples(world: int) -> list[Sample]:
+    """One reorder pass (the blocks of a buffer reversed) per size, on every
+    rank at once, as in an exchange."""
+    samples = []
+    for size in SIZES:
+        x = torch.zeros((world, size // world), dtype=torch.uint8)
+        starts, lengths = list(reversed(range(world))), [1] * world
+        t = _slowest_mean_us(lambda x=x, s=starts, n=lengths: torch.ops.alltoall.gather_blocks(x, s, n), size, None)
+        samples.append(Sample("copy", 1, float(x.numel()), t))
+    return samples
+
+
+@dataclass
+class Calibration:
+    profile: Profile
+    fit: Fit
+    samples: list[Sample]
+    seconds: float
+
+
+def calibrate(topology: Topology, timeout) -> Calibration:
+    """Collective over the world: the sweep and the fit. Rank 0's result is
+    the one to keep (it is in a group of every scope)."""
+    start = time.perf_counter()
+    timeout = resolve_timeout(timeout)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if topology.size != size or not topology.uniform:
+        raise ValueError(f"calibrate runs on the whole world in nodes of equal size; this topology is "
+                         f"{topology.describe()}")
+    if size < 2:
+        raise ValueError("calibrate needs at least two ranks")
+    slots: list[GroupRun | None] = []
+    for scope, members in _scopes(topology):  # the same scopes, in the same order, on every rank
+        slots += _communicators(scope, members, rank, timeout)
+    samples: list[Sample] = []
+    tagged: list[tuple[str, str]] = []  # (link, scope) of each exchange sample
+    for run in slots:  # every rank walks every slot: the timing collectives line up
+        for nbytes in SIZES:
+            if run is None:
+                _slowest_mean_us(lambda: None, nbytes, None)
+                continue
+            k = run.comm.size
+            elements = max(k, nbytes // 4 // k * k)
+            x = torch.zeros(elements, dtype=torch.float32)
+            t = _slowest_mean_us(lambda c=run.comm, x=x: c.all_to_all(x, "flat"), nbytes, None)
+            samples.append(Sample(run.link, k - 1, elements * 4 * (k - 1) / k, t))
+            tagged.append((run.link, run.scope))
+    # A class seen inside a node and across real hosts (gloo: loopback and the
+    # network) is fitted on the cross-host samples, which its inter-node phases see.
+    if not topology.emulated and topology.num_nodes > 1:
+        across = {link for link, scope in tagged if scope.startswith("rail")}
+        samples = [s for s, (link, scope) in zip(samples, tagged, strict=True)
+                   if scope.startswith("rail") or link not in across]
+    samples += _copy_samples(size)
+    fit = fit_all(samples)
+    default = {run.scope: run.link for run in slots if run is not None and run.transport == "default"}
+    intra = default.get("node") or default.get("rail")
+    inter = default.get("rail") or intra
+    if intra is None:
+        raise ValueError("calibrate found no group of two or more ranks to time")
+    for run in slots:  # release the Communicators before their groups go
+        if run is not None:
+            run.comm = None
+    profile = Profile(
+        links={link: r.cost for link, r in fit.links.items() if link != COPY}, copy=fit.links[COPY].cost,
+        phase_us=fit.phase_us, intra_node=intra, inter_node=inter,
+        name="calibrated", description=f"alltoall-bench --calibrate on {size} ranks, {topology.describe()}",
+        sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the node and rail groups "
+                 f"and on pairs inside them, {len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
+        fit={link: r.to_json() for link, r in fit.links.items()},
+    )
+    return Calibration(profile, fit, samples, time.perf_counter() - start)
+
+
+def report_lines(cal: Calibration) -> list[str]:
+    """The fit, per class, with its error: what --calibrate prints."""
+    fit = cal.fit
+    lines = [f"# calibrated in {cal.seconds:.1f} s: {len(cal.samples)} samples; "
+             f"fixed cost per phase {fit.phase_us:.1f} us",
+             f"# {'class':<8} {'alpha (us)':>11} {'bandwidth (GB/s)':>17} {'samples':>8} "
+             f"{'max err':>8} {'mean err':>9}"]
+    for link, r in fit.links.items():
+        lines.append(f"# {link:<8} {r.cost.alpha_us:>11.2f} {r.cost.gbps:>17.3f} {r.samples:>8d} "
+                     f"{r.max_error:>7.1%} {r.mean_error:>9.1%}")
+    lines.append(f"# intra-node class {cal.profile.intra_node}, inter-node class {cal.profile.inter_node}, "
+                 f"hash {cal.profile.hash}")
+    lines.append(f"# {'class':<8} {'bytes':>10} {'messages':>9} {'measured (us)':>14} {'fitted (us)':>12}")
+    for s in cal.samples:
+        lines.append(f"# {s.link:<8} {s.bytes:>10.0f} {s.messages:>9d} {s.time_us:>14.1f} "
+                     f"{fit.predicted_us(s):>12.1f}")
+    return lines
+
+
+def run(topology: Topology, timeout) -> int:
+    """The --calibrate mode of a rank: sweep, fit, rank 0 writes and reports."""
+    target = profiles.output_path()
+    os.environ[profiles.PROFILE_ENV] = "off"  # the profile being replaced must not steer the sweep
+    cal = calibrate(topology, timeout)
+    if dist.get_rank() == 0:
+        cal.profile.save(target)
+        print("\n".join(report_lines(cal)))
+        print(f"# wrote profile: {target} (alltoall reads it from {profiles.PROFILE_ENV} or {profiles.default_path()})",
+              flush=True)
+    return 0
+
+
+__all__ = ["SIZES", "Calibration", "calibrate", "report_lines", "run"]

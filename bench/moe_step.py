@@ -1,0 +1,332 @@
+"""One MoE training step (forward + backward) of ``alltoall.MoE`` beside
+DeepSpeed 0.19.8's ``deepspeed.moe.layer.MoE``, in the same job.
+
+Every rank runs this (torchrun, mpiexec, srun, or bench/emulated_cluster.py):
+
+    torchrun --nproc-per-node 8 bench/moe_step.py --local-size 4 --json moe-step.json
+    sudo .venv/bin/python bench/emulated_cluster.py --nodes 2 --nproc-per-node 4 --rate 1gbit -- \\
+        .venv/bin/python bench/moe_step.py --json moe-step-emu.json
+
+Fixed: EP = world size, fp32, capacity factor 1 (tokens dropped), k = 2,
+E = 16 experts, FeedForward(M, F) experts: one module, deep-copied into both
+layers' local experts (so both start from the same expert weights), and the
+same gate weights. Swept: shapes ``SxMxF`` (tokens per rank, hidden, FFN),
+mode (``train``: forward + backward; ``forward``: under no_grad), and for
+alltoall the transport, the algorithm and ``overlap_degree``.
+
+Timing: every variant of a (shape, mode) runs once per round, rounds
+alternate the variants, each run is ``--steps`` steps between barriers, its
+time the slowest rank's; the minimum over ``--rounds`` rounds is reported.
+
+Exchange share: each variant also runs as a control in which every
+all-to-all is replaced by a local copy of the same bytes (alltoall: the EP
+Communicator is swapped for a copying stand-in; DeepSpeed: its
+``_AllToAll`` is patched). ``share = 1 - control / real``; it is measured,
+not read off a profiler (which on an oversubscribed host counts waiting for
+a core as exchange time).
+
+Output: a table of milliseconds, shares and ratios (against overlap 1 with
+the same transport and algorithm, and against DeepSpeed), and ``--json``.
+DeepSpeed is optional: without it (``DS_BUILD_OPS=0 pip install
+--no-build-isolation deepspeed==0.19.8``) its rows are left out with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import alltoall
+from alltoall.launch import init_distributed
+from alltoall.moe.experts import FeedForward
+
+NUM_EXPERTS, K, CAPACITY_FACTOR, MIN_CAPACITY = 16, 2, 1.0, 4
+DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
+
+
+# Controls: the exchange replaced by a local copy of the same bytes --------------
+
+
+class _Copied:
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> torch.Tensor:
+        return self.value
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class LocalCopy:
+    """Stands in for an EP Communicator: every equal exchange returns a copy
+    of its input (differentiable), so the step moves the same bytes through
+    memory but none between ranks."""
+
+    def __init__(self, comm: alltoall.Communicator) -> None:
+        self.size, self.rank, self.group = comm.size, comm.rank, comm.group
+
+    def resolve(self, algorithm: str, bytes_per_peer: int | None = None) -> str:
+        return algorithm
+
+    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
+                   async_op: bool = False):
+        out = x.clone()
+        return _Copied(out) if async_op else out
+
+    def all_to_all_v(self, *args, **kwargs):
+        raise NotImplementedError("the control covers capacity mode (equal exchanges) only")
+
+
+@contextlib.contextmanager
+def deepspeed_local_copy() -> Iterator[None]:
+    """DeepSpeed's MoE with its all-to-all replaced by a local copy."""
+    from deepspeed.moe import sharded_moe
+
+    class _Copy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, group, x):  # type: ignore[override]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            return None, grad.clone()
+
+    saved = sharded_moe._AllToAll
+    sharded_moe._AllToAll = _Copy
+    try:
+        yield
+    finally:
+        sharded_moe._AllToAll = saved
+
+
+# Variants -----------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    label: str
+    layer: torch.nn.Module
+    control: Callable[[], contextlib.AbstractContextManager]
+    key: dict = field(default_factory=dict)  # transport, algorithm, overlap for alltoall
+
+
+def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: torch.Tensor, algorithm: str,
+          overlap: int, transport: str) -> Variant:
+    layer = alltoall.MoE(expert.fc1.in_features, expert, NUM_EXPERTS, k=K, capacity_factor=CAPACITY_FACTOR,
+                         eval_capacity_factor=CAPACITY_FACTOR, min_capacity=MIN_CAPACITY, ep_group=comm,
+                         algorithm=algorithm, overlap_degree=overlap)
+    with torch.no_grad():
+        layer.gate.wg.weight.copy_(gate_weight)
+
+    @contextlib.contextmanager
+    def control() -> Iterator[None]:
+        real = layer.exchange.comm
+        layer.exchange.comm = LocalCopy(real)
+        try:
+            yield
+        finally:
+            layer.exchange.comm = real
+
+    label = f"alltoall {transport} {algorithm} overlap {overlap}"
+    return Variant(label, layer, control, {"transport": transport, "algorithm": algorithm, "overlap": overlap})
+
+
+def _deepspeed(expert: torch.nn.Module, gate_weight: torch.Tensor, world: int) -> Variant:
+    import deepspeed
+    import deepspeed.comm.torch  # ``deepspeed.comm.torch`` as an attribute is the torch module
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    deepspeed_torch_comm = sys.modules["deepspeed.comm.torch"]
+    # On CPUs DeepSpeed's comm wrapper JIT-compiles a shared-memory
+    # all-reduce op at init (minutes, behind a lock in ~/.cache shared by
+    # every job). The MoE layer does not use it: its all-to-all is
+    # torch.distributed's all_to_all_single either way. So skip the build.
+    deepspeed_torch_comm.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    layer = DeepSpeedMoE(hidden_size=expert.fc1.in_features, expert=expert, num_experts=NUM_EXPERTS, ep_size=world,
+                         k=K, capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
+                         min_capacity=MIN_CAPACITY, drop_tokens=True)
+    layer.set_deepspeed_parallelism()
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
+    return Variant("deepspeed", layer, deepspeed_local_copy)
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
+    if not train:
+        with torch.no_grad():
+            layer(x)
+        return
+    layer.zero_grad(set_to_none=True)
+    out, aux = layer(x)[:2]
+    (out.square().mean() + 0.01 * aux).backward()
+
+
+def _timed(layer: torch.nn.Module, x: torch.Tensor, train: bool, steps: int) -> float:
+    """Seconds per step, the slowest rank's."""
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        _step(layer, x, train)
+    elapsed = torch.tensor([(time.perf_counter() - start) / steps], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def run_case(variants: list[Variant], x: torch.Tensor, train: bool, args: argparse.Namespace) -> dict[str, dict]:
+    """Minimum over rounds of every variant, real and control, alternating."""
+    best: dict[str, dict[str, float]] = {v.label: {"real": float("inf"), "control": float("inf")} for v in variants}
+    for v in variants:  # warm-up, both ways
+        for _ in range(args.warmup):
+            _step(v.layer, x, train)
+            with v.control():
+                _step(v.layer, x, train)
+    for _ in range(args.rounds):
+        for v in variants:
+            best[v.label]["real"] = min(best[v.label]["real"], _timed(v.layer, x, train, args.steps))
+            with v.control():
+                best[v.label]["control"] = min(best[v.label]["control"], _timed(v.layer, x, train, args.steps))
+    return best
+
+
+# Report -------------------------------------------------------------------------
+
+
+def summarize(case: dict, variants: list[Variant]) -> list[dict]:
+    rows = []
+    times = case["times"]
+    deepspeed = times.get("deepspeed", {}).get("real")
+    for v in variants:
+        t = times[v.label]
+        row = {"variant": v.label, **v.key, "ms": t["real"] * 1e3, "control_ms": t["control"] * 1e3,
+               "exchange_share": max(0.0, 1.0 - t["control"] / t["real"])}
+        if v.key:
+            base = f"alltoall {v.key['transport']} {v.key['algorithm']} overlap 1"
+            if base in times:
+                row["speedup_vs_overlap_1"] = times[base]["real"] / t["real"]
+        if deepspeed is not None:
+            row["speedup_vs_deepspeed"] = deepspeed / t["real"]
+        rows.append(row)
+    return rows
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for case in results:
+        lines.append(f"\nS={case['tokens']} M={case['hidden']} F={case['ffn']} {case['mode']} "
+                     f"(E={NUM_EXPERTS}, k={K}, EP={case['world']}, fp32, capacity factor {CAPACITY_FACTOR})")
+        lines.append(f"{'variant':<44} {'ms':>9} {'control ms':>11} {'exchange':>9} {'vs N=1':>7} {'vs DS':>7}")
+        for row in case["rows"]:
+            vs1 = f"{row['speedup_vs_overlap_1']:.2f}x" if "speedup_vs_overlap_1" in row else "-"
+            vsd = f"{row['speedup_vs_deepspeed']:.2f}x" if "speedup_vs_deepspeed" in row else "-"
+            lines.append(f"{row['variant']:<44} {row['ms']:9.3f} {row['control_ms']:11.3f} "
+                         f"{row['exchange_share'] * 100:8.1f}% {vs1:>7} {vsd:>7}")
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        s, m, f = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not SxMxF, e.g. 64x64x64") from None
+    return s, m, f
+
+
+def _csv(kind: type, choices: tuple[str, ...] | None = None) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        values = [kind(v) for v in text.split(",") if v]
+        if choices is not None:
+            bad = [v for v in values if v not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad} not in {choices}")
+        return values
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")], default=[(64, 64, 64),
+                                                                                          (64, 512, 512)])
+    p.add_argument("--modes", type=_csv(str, ("train", "forward")), default=["train", "forward"])
+    p.add_argument("--transports", type=_csv(str, ("auto", "shm", "c10d")), default=["auto", "c10d"])
+    p.add_argument("--algorithms", type=_csv(str, ("flat", "hierarchical")), default=["flat", "hierarchical"])
+    p.add_argument("--overlap", type=_csv(int), default=[1, 2, 4])
+    p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed out")
+    p.add_argument("--local-size", type=int, default=None,
+                   help="emulate nodes of this many ranks on one host (for 'hierarchical'); default: detect hosts")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--watchdog", type=float, default=3600.0,
+                   help="print every thread's stack and exit if a rank runs longer than this many seconds")
+    p.add_argument("--json", help="write the results here (rank 0)")
+    p.add_argument("--table", help="write the table here too (rank 0)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if NUM_EXPERTS % world:
+        raise SystemExit(f"E={NUM_EXPERTS} experts need a world size that divides it, got {world}")
+    have_deepspeed = not args.no_deepspeed and importlib.util.find_spec("deepspeed") is not None
+    notes = []
+    if not args.no_deepspeed and not have_deepspeed:
+        notes.append(f"DeepSpeed is not installed, so its rows are left out ({DEEPSPEED_HINT})")
+    comms = {t: alltoall.Communicator(local_size=args.local_size, transport=t) for t in args.transports}
+    algorithms = [a for a in args.algorithms if a == "flat" or comms[args.transports[0]].topology.uniform]
+    any_comm = comms[args.transports[0]]
+    header = {"world": world, "nodes": any_comm.topology.num_nodes, "torch": torch.__version__,
+              "transports": {t: {a: list(c.transports(a)) for a in algorithms} for t, c in comms.items()}}
+    results = []
+    for tokens, hidden, ffn in args.shapes:
+        for mode in args.modes:
+            torch.manual_seed(args.seed)  # the same modules on every rank
+            expert = FeedForward(hidden, ffn)
+            gate_weight = torch.randn(NUM_EXPERTS, hidden) / hidden ** 0.5
+            variants = [_ours(comms[t], expert, gate_weight, a, n, t)
+                        for t in args.transports for a in algorithms for n in args.overlap]
+            if have_deepspeed:
+                variants.append(_deepspeed(expert, gate_weight, world))
+            x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(args.seed + 1 + rank))
+            times = run_case(variants, x, mode == "train", args)
+            case = {"tokens": tokens, "hidden": hidden, "ffn": ffn, "mode": mode, "world": world, "times": times}
+            case["rows"] = summarize(case, variants)
+            results.append(case)
+    if rank == 0:
+        text = table(results)
+        lines = [f"moe_step: {world} ranks on {header['nodes']} node(s); phase transports {header['transports']}",
+                 *notes, text]
+        print("\n".join(lines))
+        if args.table:
+            with open(args.table, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"header": header, "notes": notes, "args": {k: v for k, v in vars(args).items()},
+                           "results": results}, f, indent=1)
+    for comm in comms.values():
+        comm.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
