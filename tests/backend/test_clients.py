@@ -89,11 +89,28 @@ def _forget_deepspeed_groups() -> None:
     groups._WORLD_GROUP = None
 
 
+def _without_deepspeed_shm_op() -> None:
+    """On CPUs, DeepSpeed's init_distributed JIT-compiles its shared-memory
+    all-reduce op (deepspeed_shm_comm, an inference fast path the MoE layer
+    does not use): one rank compiles into ~/.cache/torch_extensions while the
+    others wait on a file lock with no time limit. On 8 ranks sharing 2
+    loaded cores that compile outlasted the test's deadline, and the rank
+    killed mid-compile left the lock behind, so every later run waited
+    forever. DeepSpeed asks its table of compatible ops first (built once per
+    process and kept, so an edit persists); marking the op unavailable there
+    makes it fall back to torch.distributed, as on a platform that cannot
+    build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _deepspeed_moe(backend: str) -> dict:
     import deepspeed
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
+    _without_deepspeed_shm_op()
     _forget_deepspeed_groups()
     # On the gloo run the default group exists and DeepSpeed adopts it; on the
     # alltoall run DeepSpeed creates it, as under torchrun.
@@ -112,8 +129,7 @@ def _deepspeed_moe(backend: str) -> dict:
     (out.square().sum() + aux).backward()
     ep_group = groups._get_expert_parallel_group(f"ep_size_{WORLD}")
     return {"out": out.detach(), "aux": aux.detach(), "counts": counts, "x_grad": x.grad,
-            "grads": {n: p.grad for n, p in layer.named_parameters()}, "stats": _stats_of(ep_group),
-            "world_stats": _stats_of(dist.group.WORLD)}
+            "grads": {n: p.grad for n, p in layer.named_parameters()}, "stats": _stats_of(ep_group)}
 
 
 def _deepspeed_both() -> tuple[dict, dict]:
@@ -147,7 +163,7 @@ def test_deepspeed_moe_layer(world_pools):
         assert reference["stats"] is None  # the reference ran on plain gloo
         # Two exchanges forward (dispatch, combine), two backward.
         _hierarchical_ran(ours["stats"], at_least=4)
-        assert ours["world_stats"]["forwarded"] > 0  # the gate's all-reduce of the capacity
+        assert ours["stats"]["forwarded"] > 0  # the gate's all-reduce of the capacity, on the EP group
 
 
 # Megatron-Core ----------------------------------------------------------------
@@ -155,9 +171,11 @@ def test_deepspeed_moe_layer(world_pools):
 # (moe_pad_expert_input_to_capacity): equal splits, and none of the CUDA
 # stream synchronisation its dropless mode needs. Its constructor still
 # creates a CUDA stream for that mode and caches it in a class attribute;
-# CPU-only torch cannot create one, so the test presets the attribute. Uneven
-# splits go through Megatron-Core's autograd all-to-all
-# (tensor_parallel.all_to_all), the call the dropless mode makes.
+# CPU-only torch cannot create one, so the test presets the attribute. The
+# uneven all-to-all the dropless mode makes (tensor_parallel.all_to_all)
+# cannot run on CPUs: Megatron-Core 0.16.1 allocates its output on
+# torch.cuda.current_device(). Uneven splits are checked against gloo in
+# test_backend_exchange.py instead.
 
 HIDDEN, EXPERTS, TOKENS, TOPK = 8, 16, 12, 2
 
@@ -174,7 +192,7 @@ def _routing(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
 
 
 def _megatron_moe(backend: str) -> dict:
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -205,17 +223,8 @@ def _megatron_moe(backend: str) -> dict:
     expert_out = (hidden @ expert_weight) * p.unsqueeze(-1)
     out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(expert_out)))
     out.square().sum().backward()
-    padded_calls = _stats_of(ep_group)
-
-    ins = [(rank + d) % 3 for d in range(WORLD)]
-    outs = [(s + rank) % 3 for s in range(WORLD)]
-    torch.manual_seed(200 + rank)
-    rows = torch.randn(sum(ins), HIDDEN, requires_grad=True)
-    received = tensor_parallel.all_to_all(ep_group, rows, outs, ins)
-    (received * torch.arange(received.numel()).view_as(received)).sum().backward()
     return {"out": out.detach(), "tokens_per_expert": tokens_per_expert, "tokens_grad": tokens.grad,
-            "logits_grad": logits.grad, "received": received.detach(), "rows_grad": rows.grad,
-            "padded_stats": padded_calls, "stats": _stats_of(ep_group)}
+            "logits_grad": logits.grad, "stats": _stats_of(ep_group)}
 
 
 def _megatron_both() -> tuple[dict, dict]:
@@ -225,9 +234,8 @@ def _megatron_both() -> tuple[dict, dict]:
 @needs_megatron
 def test_megatron_core_alltoall_dispatcher(world_pools):
     results = world_pools.run(WORLD, _megatron_both, env=_launcher_env(), deadline_s=DEADLINE_S)
-    _compare(results, ("out", "tokens_per_expert", "tokens_grad", "logits_grad", "received", "rows_grad"))
+    _compare(results, ("out", "tokens_per_expert", "tokens_grad", "logits_grad"))
     for reference, result in results:
         assert reference["stats"] is None
         # Dispatch and combine move tokens and probabilities: 3 forward, 3 backward.
-        _hierarchical_ran(result["padded_stats"], at_least=6)
-        _hierarchical_ran(result["stats"], at_least=result["padded_stats"]["algorithms"]["hierarchical"]["calls"] + 2)
+        _hierarchical_ran(result["stats"], at_least=6)
