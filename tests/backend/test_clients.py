@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import alltoall
 from tests.harness.checks import assert_same_bytes
+from tests.harness.pool import WorldPool
 
 WORLD = 8
 ENV = {"ALLTOALL_LOCAL_SIZE": "4", "ALLTOALL_ALGORITHM": "hierarchical"}
@@ -37,6 +38,16 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed (make install adds the [clients] extra)")
 needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
                                     reason="megatron-core is not installed (make install adds the [clients] extra)")
+
+
+@pytest.fixture(scope="module")
+def client_pool():
+    """8 rank processes of their own, for both clients, closed after them: the
+    clients' imports (and DeepSpeed's accelerator set-up) stay out of the
+    processes the rest of the suite runs in."""
+    pool = WorldPool(WORLD)
+    yield pool
+    pool.close()
 
 
 def _launcher_env() -> dict[str, str]:
@@ -156,8 +167,8 @@ def _hierarchical_ran(stats: dict, at_least: int) -> None:
 
 
 @needs_deepspeed
-def test_deepspeed_moe_layer(world_pools):
-    results = world_pools.run(WORLD, _deepspeed_both, env=_launcher_env(), deadline_s=DEADLINE_S)
+def test_deepspeed_moe_layer(client_pool):
+    results = client_pool.run(_deepspeed_both, env=_launcher_env(), deadline_s=DEADLINE_S)
     _compare(results, ("out", "aux", "counts", "x_grad", "grads"))
     for reference, ours in results:
         assert reference["stats"] is None  # the reference ran on plain gloo
@@ -232,8 +243,8 @@ def _megatron_both() -> tuple[dict, dict]:
 
 
 @needs_megatron
-def test_megatron_core_alltoall_dispatcher(world_pools):
-    results = world_pools.run(WORLD, _megatron_both, env=_launcher_env(), deadline_s=DEADLINE_S)
+def test_megatron_core_alltoall_dispatcher(client_pool):
+    results = client_pool.run(_megatron_both, env=_launcher_env(), deadline_s=DEADLINE_S)
     _compare(results, ("out", "tokens_per_expert", "tokens_grad", "logits_grad"))
     for reference, result in results:
         assert reference["stats"] is None
