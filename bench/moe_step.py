@@ -7,6 +7,9 @@ Every rank runs this (torchrun, mpiexec, srun, or bench/emulated_cluster.py):
     sudo .venv/bin/python bench/emulated_cluster.py --nodes 2 --nproc-per-node 4 --rate 1gbit -- \\
         .venv/bin/python bench/moe_step.py --json moe-step-emu.json
 
+Issue 12's acceptance set (overlap_degree 1, 2, 4 and DeepSpeed, flat and
+hierarchical, training step at ACCEPTANCE_SHAPE): add ``--acceptance``.
+
 Fixed: EP = world size, fp32, capacity factor 1 (tokens dropped), k = 2,
 E = 16 experts, FeedForward(M, F) experts: one module, deep-copied into both
 layers' local experts (so both start from the same expert weights), and the
@@ -52,6 +55,14 @@ from alltoall.launch import init_distributed
 from alltoall.moe.experts import FeedForward
 
 NUM_EXPERTS, K, CAPACITY_FACTOR, MIN_CAPACITY = 16, 2, 1.0, 4
+# Issue 12's benchmark shape, chosen by estimate (traffic()), not by a
+# measurement: on 2 emulated hosts x 4 ranks with 1 Gbit/s links one
+# exchange puts 16 * S * M bytes per direction on a host's link (2.1 MB,
+# ~17 ms at 125 MB/s for S=256, M=512), ~67 ms for the 4 exchanges of a
+# step; the experts' forward + backward is 0.8 GFLOP per rank, 6.4 GFLOP on
+# the 2 shared cores, ~65 ms at 50 GFLOP/s per core. 256 rows per expert
+# also leave 64-row chunks at N=4.
+ACCEPTANCE_SHAPE = "256x512x256"
 DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
 
@@ -170,8 +181,29 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
             layer(x)
         return
     layer.zero_grad(set_to_none=True)
+    x.grad = None
     out, aux = layer(x)[:2]
     (out.square().mean() + 0.01 * aux).backward()
+
+
+def traffic(tokens: int, hidden: int, ffn: int, world: int, local_size: int) -> dict[str, float]:
+    """What one rank moves and computes per training step (capacity mode).
+
+    Every rank sends ``L * C`` rows of ``M`` fp32 values to every rank
+    (``L = E / world`` local experts, ``C`` the capacity), so one exchange
+    puts ``(world - local_size) * L * C * M * 4`` bytes per rank on the
+    inter-host link. A step has 4 exchanges when the input needs grad (2
+    forward, 2 backward), 3 otherwise. The experts run ``world * C`` rows
+    each; their forward + backward is ~3x the forward's ``2 * 2 * rows * M * F``
+    flops per expert.
+    """
+    capacity = max(MIN_CAPACITY, int(tokens * K / NUM_EXPERTS * CAPACITY_FACTOR))
+    local = NUM_EXPERTS // world
+    per_peer = local * capacity * hidden * 4
+    rows = world * capacity
+    return {"capacity": capacity, "bytes_per_peer": per_peer, "bytes_per_exchange": per_peer * world,
+            "inter_host_bytes_per_exchange": per_peer * (world - local_size),
+            "expert_gflop_per_step": 3 * local * 4 * rows * hidden * ffn / 1e9}
 
 
 def _timed(layer: torch.nn.Module, x: torch.Tensor, train: bool, steps: int) -> float:
@@ -225,8 +257,13 @@ def summarize(case: dict, variants: list[Variant]) -> list[dict]:
 def table(results: list[dict]) -> str:
     lines = []
     for case in results:
+        t = case["traffic"]
         lines.append(f"\nS={case['tokens']} M={case['hidden']} F={case['ffn']} {case['mode']} "
-                     f"(E={NUM_EXPERTS}, k={K}, EP={case['world']}, fp32, capacity factor {CAPACITY_FACTOR})")
+                     f"(E={NUM_EXPERTS}, k={K}, EP={case['world']}, fp32, capacity factor {CAPACITY_FACTOR}, "
+                     f"input grad {'on' if case['input_grad'] else 'off'})")
+        lines.append(f"per rank and exchange: {t['bytes_per_exchange'] / 1e6:.3f} MB, "
+                     f"{t['inter_host_bytes_per_exchange'] / 1e6:.3f} MB of it to other hosts; "
+                     f"experts {t['expert_gflop_per_step']:.3f} GFLOP per step")
         lines.append(f"{'variant':<44} {'ms':>9} {'control ms':>11} {'exchange':>9} {'vs N=1':>7} {'vs DS':>7}")
         for row in case["rows"]:
             vs1 = f"{row['speedup_vs_overlap_1']:.2f}x" if "speedup_vs_overlap_1" in row else "-"
@@ -257,13 +294,18 @@ def _csv(kind: type, choices: tuple[str, ...] | None = None) -> Callable[[str], 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")], default=[(64, 64, 64),
-                                                                                          (64, 512, 512)])
+    p.add_argument("--shapes", type=lambda t: [_shape(s) for s in t.split(",")], default=None,
+                   help="SxMxF,... (default 64x64x64,64x512x512; with --acceptance its shape)")
     p.add_argument("--modes", type=_csv(str, ("train", "forward")), default=["train", "forward"])
     p.add_argument("--transports", type=_csv(str, ("auto", "shm", "c10d")), default=["auto", "c10d"])
     p.add_argument("--algorithms", type=_csv(str, ("flat", "hierarchical")), default=["flat", "hierarchical"])
     p.add_argument("--overlap", type=_csv(int), default=[1, 2, 4])
     p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed out")
+    p.add_argument("--no-input-grad", action="store_true",
+                   help="train with an input that needs no grad (the model's first layer; no backward return exchange)")
+    p.add_argument("--acceptance", action="store_true",
+                   help=f"issue 12's set: --shapes {ACCEPTANCE_SHAPE} (unless given) --modes train --transports auto "
+                        "--algorithms flat,hierarchical --overlap 1,2,4, DeepSpeed beside")
     p.add_argument("--local-size", type=int, default=None,
                    help="emulate nodes of this many ranks on one host (for 'hierarchical'); default: detect hosts")
     p.add_argument("--steps", type=int, default=10, help="steps per timed run")
@@ -274,7 +316,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print every thread's stack and exit if a rank runs longer than this many seconds")
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--table", help="write the table here too (rank 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.acceptance:
+        args.shapes = args.shapes or [_shape(ACCEPTANCE_SHAPE)]
+        args.modes, args.transports = ["train"], ["auto"]
+        args.algorithms, args.overlap = ["flat", "hierarchical"], [1, 2, 4]
+    args.shapes = args.shapes or [(64, 64, 64), (64, 512, 512)]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,8 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             if have_deepspeed:
                 variants.append(_deepspeed(expert, gate_weight, world))
             x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(args.seed + 1 + rank))
+            # A layer inside a model: its input needs grad, so the backward
+            # exchanges the input's gradient too (--no-input-grad: the first layer).
+            x.requires_grad_(mode == "train" and not args.no_input_grad)
             times = run_case(variants, x, mode == "train", args)
-            case = {"tokens": tokens, "hidden": hidden, "ffn": ffn, "mode": mode, "world": world, "times": times}
+            case = {"tokens": tokens, "hidden": hidden, "ffn": ffn, "mode": mode, "world": world, "times": times,
+                    "input_grad": x.requires_grad,
+                    "traffic": traffic(tokens, hidden, ffn, world, any_comm.topology.local_size)}
             case["rows"] = summarize(case, variants)
             results.append(case)
     if rank == 0:

@@ -1,24 +1,30 @@
 """``alltoall-bench --calibrate``: fits a cost profile on the running job.
 
 Every rank runs this; rank 0 writes the profile. The sweep times flat
-exchanges on the groups the plans use, each on every transport the
+exchanges on the group shapes the plans run, each on every transport the
 Communicator offers, so each link class is measured where it carries
-traffic:
+traffic and in the company it has there:
 
-- the node group (this rank's node): the intra-node class(es);
-- the rail group (one rank per node, same local index): the inter-node class;
-- pairs inside each (one message per call), which tell the fixed cost of a
-  phase from the cost per message;
-- local copy passes (``gather_blocks`` reversing the blocks): the copy rate.
+- the world (one group of every rank): what the flat plan runs;
+- the node groups, all at once: the intra-node phase of hierarchical;
+- the rail groups (one rank per node, same local index), all at once: its
+  inter-node phase;
+- local copy passes (``gather_blocks`` reversing the blocks), on every rank
+  at once: the copy rate, a second one for buffers beyond this host's share
+  of the last-level cache (sysfs: cache size / (2 x ranks on the host)).
 
-All groups of a scope run at once, as in an exchange, so links and cores
-shared between them are shared while timed. A flat exchange of b bytes per
-rank on a group of k ranks sends k-1 messages and b(k-1)/k bytes, so each
-(class, group, size) is one sample of ``phase + messages * alpha + bytes /
-bandwidth`` (calibrate_fit): a flat exchange is one phase. A class measured
-both inside a node and across real hosts (gloo's "tcp": loopback and
-network) is fitted from the cross-host samples, the ones its inter-node
-phases see. Times are the slowest rank's mean per call.
+A flat exchange of b bytes per rank on a group of k ranks sends k-1
+messages of b/k bytes, so each (class, group, size) is one sample of
+``phase + messages * alpha + bytes / bandwidth`` (calibrate_fit), the
+bandwidth being that of the protocol the message size selects: the
+shared-memory transport's threshold (``ALLTOALL_SHM_SINGLE_COPY_BYTES``, as
+the transport reads it) is passed to the fit. Group sizes differ between
+the scopes (8, 4 and 2 for 8 ranks as 2 nodes of 4), which tells the fixed
+cost of a phase from the cost per message. A class measured both inside a
+node and across real hosts (gloo's "tcp": loopback and network) is fitted
+from the samples that cross hosts (the rail groups), the ones its
+inter-node phases see; the world's samples mix both and are left out of
+that class's fit there. Times are the slowest rank's mean per call.
 
 Sizes: 1 KiB to 4 MiB per rank, x4 steps, fewer calls at larger sizes, so
 the whole sweep stays well under a minute on 8 ranks of a 2-core machine.
@@ -30,6 +36,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,24 +47,29 @@ from alltoall.plan import Profile
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
 from alltoall.transport import GroupRef, new_subgroups, resolve_timeout
+from alltoall.transport.shm import ShmOptions
 
 SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
+COPY_SIZES = tuple(1024 * 2**i for i in range(15))  # 1 KiB .. 16 MiB: copies are cheap to time
 # Transports tried on every group, in order; "default" is what "auto" runs on.
 TRANSPORTS = ("default", "shm", "c10d")
 
 
 def _calls(size: int) -> tuple[int, int]:
-    """(warm-up, timed) calls for a size: the same on every rank."""
+    """(warm-up, timed) calls for a size: the same on every rank. Three
+    warm-up calls at every size: the first calls of a new size fault in the
+    pages of freshly allocated outputs (the allocator keeps them after
+    that), which the steady state a user, or the bench, sees does not pay."""
     if size <= 16 * 1024:
         return 3, 30
     if size <= 256 * 1024:
-        return 2, 10
-    return 1, 4
+        return 3, 10
+    return 3, 6
 
 
 @dataclass
 class GroupRun:
-    scope: str  # "node", "node pairs", "rail" or "rail pairs"
+    scope: str  # "world", "node" or "rail"
     transport: str
     link: str
     comm: alltoall.Communicator | None
@@ -65,19 +77,50 @@ class GroupRun:
 
 def _scopes(topology: Topology) -> list[tuple[str, tuple[int, ...] | None]]:
     """(scope, this rank's group in it or None), the same scopes on every
-    rank. Pairs (consecutive members of the node or rail group) time one
-    message per call, which tells the fixed cost of a phase from alpha."""
-    rank = topology.rank
-    out: list[tuple[str, tuple[int, ...] | None]] = []
-    groups = [("node", topology.ranks_of_node(topology.node))]
-    if topology.num_nodes > 1:
-        groups.append(("rail", topology.ranks_with_local_rank(topology.local_rank)))
-    for scope, members in groups:
-        out.append((scope, members if len(members) > 1 else None))
-        if len(members) > 2:
-            i = members.index(rank)
-            pair = members[i - i % 2: i - i % 2 + 2]
-            out.append((f"{scope} pairs", pair if len(pair) == 2 else None))
+    rank: the world, the node groups and the rail groups; a scope whose
+    groups have one rank, or that repeats the world, is left out."""
+    world = tuple(range(topology.size))
+    out: list[tuple[str, tuple[int, ...] | None]] = [("world", world)]
+    node = topology.ranks_of_node(topology.node)
+    if 1 < len(node) < topology.size:
+        out.append(("node", node))
+    rail = topology.ranks_with_local_rank(topology.local_rank)
+    if 1 < len(rail) < topology.size:
+        out.append(("rail", rail))
+    return out
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine (sysfs), 0 when unknown."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def _copy_threshold(topology: Topology) -> int:
+    """The buffer size from which a copy pass streams from memory rather
+    than the last-level cache: the cache shared by the ranks of this host,
+    each holding a source and a destination. 0 (one rate) when unknown."""
+    on_host = topology.size if topology.emulated else (topology.ranks_per_node or topology.size)
+    return last_level_cache_bytes() // (2 * on_host)
+
+
+def _thresholds(runs: list[GroupRun | None], topology: Topology) -> dict[str, int]:
+    """Per link class, the message size from which its transport switches to
+    its large-message protocol, as the transport reads it (0: none); for
+    copies, the cache threshold."""
+    out: dict[str, int] = {COPY: _copy_threshold(topology)}
+    for run in runs:
+        if run is not None and run.link == "shm":
+            out["shm"] = ShmOptions.from_env(run.comm.size).single_copy_bytes if run.comm else 0
     return out
 
 
@@ -107,7 +150,12 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
     return runs
 
 
-def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup) -> float:
+def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None) -> float:
+    """The slowest rank's mean microseconds per call, after the warm-up
+    calls: the statistic the bench reports, so that predictions and the
+    bench's times mean the same thing. (Tried in loaded runs on one host:
+    the median predicted below the bench's means; each call's slowest rank,
+    averaged, far above them, as ranks reach a call at different times.)"""
     warmup, timed = _calls(size)
     for _ in range(warmup):
         call()
@@ -122,9 +170,10 @@ def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessG
 
 def _copy_samples(world: int) -> list[Sample]:
     """One reorder pass (the blocks of a buffer reversed) per size, on every
-    rank at once, as in an exchange."""
+    rank at once, as in an exchange; up to 16 MiB, so that at least two sizes
+    lie above the cache threshold (``_copy_threshold``)."""
     samples = []
-    for size in SIZES:
+    for size in COPY_SIZES:
         x = torch.zeros((world, size // world), dtype=torch.uint8)
         starts, lengths = list(reversed(range(world))), [1] * world
         t = _slowest_mean_us(lambda x=x, s=starts, n=lengths: torch.ops.alltoall.gather_blocks(x, s, n), size, None)
@@ -165,16 +214,16 @@ def calibrate(topology: Topology, timeout) -> Calibration:
             elements = max(k, nbytes // 4 // k * k)
             x = torch.zeros(elements, dtype=torch.float32)
             t = _slowest_mean_us(lambda c=run.comm, x=x: c.all_to_all(x, "flat"), nbytes, None)
-            samples.append(Sample(run.link, k - 1, elements * 4 * (k - 1) / k, t))
+            samples.append(Sample(run.link, k - 1, elements * 4 * (k - 1) / k, t, elements * 4 / k))
             tagged.append((run.link, run.scope))
     # A class seen inside a node and across real hosts (gloo: loopback and the
     # network) is fitted on the cross-host samples, which its inter-node phases see.
     if not topology.emulated and topology.num_nodes > 1:
-        across = {link for link, scope in tagged if scope.startswith("rail")}
+        across = {link for link, scope in tagged if scope == "rail"}
         samples = [s for s, (link, scope) in zip(samples, tagged, strict=True)
-                   if scope.startswith("rail") or link not in across]
+                   if scope == "rail" or link not in across]
     samples += _copy_samples(size)
-    fit = fit_all(samples)
+    fit = fit_all(samples, _thresholds(slots, topology))
     default = {run.scope: run.link for run in slots if run is not None and run.transport == "default"}
     intra = default.get("node") or default.get("rail")
     inter = default.get("rail") or intra
@@ -185,10 +234,10 @@ def calibrate(topology: Topology, timeout) -> Calibration:
             run.comm = None
     profile = Profile(
         links={link: r.cost for link, r in fit.links.items() if link != COPY}, copy=fit.links[COPY].cost,
-        phase_us=fit.phase_us, intra_node=intra, inter_node=inter,
+        intra_node=intra, inter_node=inter,
         name="calibrated", description=f"alltoall-bench --calibrate on {size} ranks, {topology.describe()}",
-        sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the node and rail groups "
-                 f"and on pairs inside them, {len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
+        sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the world, the node groups "
+                 f"and the rail groups, {len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
         fit={link: r.to_json() for link, r in fit.links.items()},
     )
     return Calibration(profile, fit, samples, time.perf_counter() - start)
@@ -197,18 +246,21 @@ def calibrate(topology: Topology, timeout) -> Calibration:
 def report_lines(cal: Calibration) -> list[str]:
     """The fit, per class, with its error: what --calibrate prints."""
     fit = cal.fit
-    lines = [f"# calibrated in {cal.seconds:.1f} s: {len(cal.samples)} samples; "
-             f"fixed cost per phase {fit.phase_us:.1f} us",
-             f"# {'class':<8} {'alpha (us)':>11} {'bandwidth (GB/s)':>17} {'samples':>8} "
-             f"{'max err':>8} {'mean err':>9}"]
+    lines = [f"# calibrated in {cal.seconds:.1f} s: {len(cal.samples)} samples",
+             f"# {'class':<8} {'phase (us)':>11} {'alpha (us)':>11} {'GB/s':>9} {'large from (B)':>15} "
+             f"{'large GB/s':>11} {'samples':>8} {'max err':>8} {'mean err':>9}"]
     for link, r in fit.links.items():
-        lines.append(f"# {link:<8} {r.cost.alpha_us:>11.2f} {r.cost.gbps:>17.3f} {r.samples:>8d} "
+        c = r.cost
+        large = (f"{c.large_bytes:>15d} {c.large_gbps:>11.3f}" if c.large_gbps is not None
+                 else f"{'-':>15} {'-':>11}")
+        lines.append(f"# {link:<8} {c.phase_us:>11.1f} {c.alpha_us:>11.2f} {c.gbps:>9.3f} {large} {r.samples:>8d} "
                      f"{r.max_error:>7.1%} {r.mean_error:>9.1%}")
     lines.append(f"# intra-node class {cal.profile.intra_node}, inter-node class {cal.profile.inter_node}, "
                  f"hash {cal.profile.hash}")
-    lines.append(f"# {'class':<8} {'bytes':>10} {'messages':>9} {'measured (us)':>14} {'fitted (us)':>12}")
+    lines.append(f"# {'class':<8} {'bytes':>10} {'messages':>9} {'message (B)':>12} {'measured (us)':>14} "
+                 f"{'fitted (us)':>12}")
     for s in cal.samples:
-        lines.append(f"# {s.link:<8} {s.bytes:>10.0f} {s.messages:>9d} {s.time_us:>14.1f} "
+        lines.append(f"# {s.link:<8} {s.bytes:>10.0f} {s.messages:>9d} {s.each:>12.0f} {s.time_us:>14.1f} "
                      f"{fit.predicted_us(s):>12.1f}")
     return lines
 

@@ -1,24 +1,30 @@
 """The fit behind ``alltoall-bench --calibrate``: a cost profile's numbers from
 timed exchanges. Pure arithmetic; the sweep is in calibrate.py.
 
-Each exchange sample is one timed call on one link class: ``messages`` sent
-per rank, ``bytes`` sent per rank, and the measured microseconds. The model
+Each exchange sample is one timed flat exchange on a group of
+``messages + 1`` ranks, on one link class: ``bytes`` sent per rank in
+messages of ``message_bytes``, and the measured microseconds. The model is
+the one alltoall.plan.model predicts with, for one phase:
 
-    time = phase + messages * alpha[link] + bytes / bandwidth[link]
+    time = phase[link] + messages * alpha[link] + bytes / bandwidth[link, protocol]
 
-(a flat exchange is one phase) has one ``phase`` shared by every class (the
-fixed cost of a collective call) and alpha, bandwidth per class. It is fitted by least squares on
-relative errors (every size weighs the same, from 1 KiB to MiBs) with every
-term >= 0: a term that comes out negative is pinned at 0 and the rest
-refitted. ``phase`` and alpha are told apart by groups with different
-message counts; when every class was timed with one count only, ``phase``
-is 0 and alpha carries it. Copy passes (``link`` = "copy", one "message"
-per pass) are fitted on their own, without ``phase``.
+where the protocol is the large-message one when ``message_bytes`` reaches
+the class's threshold (``thresholds``, read from the transport's settings by
+the sweep; shared memory: single copy from ALLTOALL_SHM_SINGLE_COPY_BYTES)
+and the small-message one below it. Each class is fitted on its own, by
+least squares on relative errors (every size weighs the same, from 1 KiB
+to MiBs, as in a fit of log time) with every term >= 0: a term that comes
+out negative is pinned at 0 and the rest refitted. ``phase`` and alpha are
+told apart by groups of different sizes; when a class was timed on one
+group size only, ``phase`` is 0 and alpha carries it. A protocol seen in
+fewer than two sizes is not fitted: its bytes go at the other protocol's
+bandwidth. Copy passes (``link`` = "copy", one "message" per pass) are
+fitted the same way, without ``phase``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +42,11 @@ class Sample:
     messages: int
     bytes: float
     time_us: float
+    message_bytes: float | None = None  # None: bytes / messages
+
+    @property
+    def each(self) -> float:
+        return self.message_bytes if self.message_bytes is not None else self.bytes / max(1, self.messages)
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,11 @@ class FitResult:
 
 @dataclass(frozen=True)
 class Fit:
-    phase_us: float
     links: dict[str, FitResult]  # link classes, and "copy"
 
     def predicted_us(self, s: Sample) -> float:
-        return (0.0 if s.link == COPY else self.phase_us) + self.links[s.link].cost.time_us(s.messages, s.bytes)
+        cost = self.links[s.link].cost
+        return cost.phase_us + cost.time_us(s.messages, s.bytes, s.each)
 
 
 def _nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -74,46 +85,46 @@ def _nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     return x
 
 
-def _errors(fit: Fit, samples: Sequence[Sample]) -> tuple[float, float]:
-    errs = [abs(fit.predicted_us(s) - s.time_us) / s.time_us for s in samples]
-    return max(errs), sum(errs) / len(errs)
+def _gbps(per_byte: float) -> float:
+    return UNRESOLVED_GBPS if per_byte <= 0 else min(UNRESOLVED_GBPS, 1e-3 / per_byte)
 
 
-def fit_all(samples: Iterable[Sample]) -> Fit:
-    """Fits phase, alpha and bandwidth of every class (and copy) present."""
+def fit_class(link: str, group: Sequence[Sample], threshold: int = 0) -> LinkCost:
+    """phase, alpha, and the bandwidth of each protocol of one class."""
+    if len({s.bytes for s in group}) < 2:
+        raise ValueError(f"{link}: the samples do not separate alpha from bandwidth: time more than one size "
+                         f"(got {len(group)} sample(s))")
+    large = [threshold > 0 and s.each >= threshold for s in group]
+    split = threshold > 0 and len({s.bytes for s, big in zip(group, large, strict=True) if big}) >= 2 \
+        and len({s.bytes for s, big in zip(group, large, strict=True) if not big}) >= 2
+    # Columns: phase, alpha, per byte (small messages), per byte (large messages).
+    a = np.zeros((len(group), 4))
+    for i, (s, big) in enumerate(zip(group, large, strict=True)):
+        a[i, 0], a[i, 1] = (0.0 if link == COPY else 1.0), s.messages
+        a[i, 3 if split and big else 2] = s.bytes
+    if not split:
+        a = a[:, :3]
+    if np.linalg.matrix_rank(a[:, :2]) < 2:
+        a[:, 0] = 0.0  # one group size: phase folds into alpha
+    x = _nonnegative_lstsq(a, np.array([s.time_us for s in group]))
+    return LinkCost(alpha_us=float(x[1]), gbps=_gbps(float(x[2])), phase_us=float(x[0]),
+                    large_bytes=threshold if split else 0, large_gbps=_gbps(float(x[3])) if split else None)
+
+
+def fit_all(samples: Iterable[Sample], thresholds: Mapping[str, int] | None = None) -> Fit:
+    """Fits phase, alpha and bandwidth(s) of every class (and copy) present.
+    ``thresholds[link]``: the message size from which the class uses its
+    large-message protocol (absent or 0: one protocol)."""
     samples = [s for s in samples if s.time_us > 0]
-    exchange = [s for s in samples if s.link != COPY]
-    copies = [s for s in samples if s.link == COPY]
-    links = sorted({s.link for s in exchange})
-    for link in [*links, *([COPY] if copies else [])]:
-        group = [s for s in samples if s.link == link]
-        if len({s.bytes for s in group}) < 2:
-            raise ValueError(f"{link}: the samples do not separate alpha from bandwidth: time more than one size "
-                             f"(got {len(group)} sample(s))")
-    params: dict[str, tuple[float, float]] = {}
-    phase = 0.0
-    if exchange:
-        # Columns: phase, then (alpha, per byte) of every class.
-        a = np.zeros((len(exchange), 1 + 2 * len(links)))
-        for i, s in enumerate(exchange):
-            j = 1 + 2 * links.index(s.link)
-            a[i, 0], a[i, j], a[i, j + 1] = 1.0, s.messages, s.bytes
-        t = np.array([s.time_us for s in exchange])
-        if np.linalg.matrix_rank(a) < a.shape[1]:
-            a[:, 0] = 0.0  # one message count per class: phase folds into alpha
-        x = _nonnegative_lstsq(a, t)
-        phase = float(x[0])
-        params = {link: (float(x[1 + 2 * k]), float(x[2 + 2 * k])) for k, link in enumerate(links)}
-    if copies:
-        a = np.array([[1.0, s.bytes] for s in copies])
-        x = _nonnegative_lstsq(a, np.array([s.time_us for s in copies]))
-        params[COPY] = (float(x[0]), float(x[1]))
-    costs = {link: LinkCost(alpha, UNRESOLVED_GBPS if per_byte <= 0 else min(UNRESOLVED_GBPS, 1e-3 / per_byte))
-             for link, (alpha, per_byte) in params.items()}
-    draft = Fit(phase, {link: FitResult(cost, 0, 0.0, 0.0) for link, cost in costs.items()})
+    thresholds = thresholds or {}
+    links = sorted({s.link for s in samples if s.link != COPY}) + ([COPY] if any(s.link == COPY for s in samples)
+                                                                  else [])
+    costs = {link: fit_class(link, [s for s in samples if s.link == link], thresholds.get(link, 0))
+             for link in links}
+    draft = Fit({link: FitResult(cost, 0, 0.0, 0.0) for link, cost in costs.items()})
     results = {}
     for link, cost in costs.items():
         group = [s for s in samples if s.link == link]
-        worst, mean = _errors(draft, group)
-        results[link] = FitResult(cost, len(group), worst, mean)
-    return Fit(phase, results)
+        errs = [abs(draft.predicted_us(s) - s.time_us) / s.time_us for s in group]
+        results[link] = FitResult(cost, len(group), max(errs), sum(errs) / len(errs))
+    return Fit(results)

@@ -12,10 +12,16 @@ Schedule (forward; the backward is the same schedule on the gradients,
 with each chunk's expert backward in place of its forward)::
 
     issue dispatch exchanges 0 .. N-1          (queued on the progress thread)
-    for i in 0 .. N-1:
-        wait dispatch i; experts on chunk i    (dispatch i+1.. and return i-1 run meanwhile)
-        issue return exchange i
+    i = 0
+    while i < N:
+        wait dispatch i; j = i + 1 + the later chunks already arrived
+        experts on chunks i .. j-1 at once     (dispatch j.. and earlier returns run meanwhile)
+        issue return exchanges i .. j-1; i = j
     wait return exchanges 0 .. N-1; reassemble
+
+Chunks that arrived while the experts were busy have nothing left to overlap
+and would only add an expert call each, so they run together; exchanges
+that finish at once cost one expert call, as at N = 1.
 
 All exchanges go through one Communicator's FIFO, so they complete in issue
 order on every rank. The backward of a dispatch exchange is the matching
@@ -28,8 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
@@ -39,7 +47,7 @@ from alltoall.ops.coordinated import Chunking
 
 Counts = list[list[int]]
 # stage(chunk index, rows grouped by local expert, rows per local expert) -> same layout
-Stage = Callable[[int, torch.Tensor, list[int]], torch.Tensor]
+Stage = Callable[[int, torch.Tensor, list[int]], torch.Tensor | None]
 
 
 def piece(n: int, i: int, parts: int) -> tuple[int, int]:
@@ -61,10 +69,6 @@ def transposed(counts: Counts) -> tuple[list[int], list[int]]:
     return starts, sizes
 
 
-def regroup(x: torch.Tensor, counts: Counts) -> torch.Tensor:
-    return torch.ops.alltoall.gather_blocks(x, *transposed(counts))
-
-
 def _chunk_pieces(received: Counts, chunking: Chunking, t: int) -> Counts:
     """Rows of each (source, local expert) inside TP rank t's chunk of each
     source's block: the chunk is a row range, the experts' rows consecutive
@@ -78,6 +82,32 @@ def _chunk_pieces(received: Counts, chunking: Chunking, t: int) -> Counts:
             row += count
         pieces.append(mine)
     return pieces
+
+
+def _span_orders(chunks: Sequence[ChunkRoute]) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]],
+                                                       list[int]]:
+    """For consecutive chunks run as one expert call: (starts, sizes) for
+    ``gather_blocks`` that turn their received rows, concatenated in
+    (chunk, source, expert) block order, into (expert, chunk, source) order;
+    the inverse; and the rows per local expert. One chunk: the plain
+    (source, expert) -> (expert, source) transposition."""
+    sources, experts = len(chunks[0].arrived), len(chunks[0].arrived[0])
+    stored = [(c, s, e) for c in range(len(chunks)) for s in range(sources) for e in range(experts)]
+    grouped = [(c, s, e) for e in range(experts) for c in range(len(chunks)) for s in range(sources)]
+
+    def size(key: tuple[int, int, int]) -> int:
+        return chunks[key[0]].arrived[key[1]][key[2]]
+
+    def offsets(order: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], int]:
+        where, running = {}, 0
+        for key in order:
+            where[key], running = running, running + size(key)
+        return where
+
+    at_stored, at_grouped = offsets(stored), offsets(grouped)
+    to_experts = ([at_stored[k] for k in grouped], [size(k) for k in grouped])
+    from_experts = ([at_grouped[k] for k in stored], [size(k) for k in stored])
+    return to_experts, from_experts, [sum(chunk.per_expert[e] for chunk in chunks) for e in range(experts)]
 
 
 @dataclass(frozen=True)
@@ -98,9 +128,6 @@ class ChunkRoute:
     def per_expert(self) -> list[int]:
         return [sum(row[e] for row in self.arrived) for e in range(len(self.arrived[0]))]
 
-    @property
-    def by_expert(self) -> Counts:
-        return [[row[e] for row in self.arrived] for e in range(len(self.arrived[0]))]
 
 
 class Pipeline:
@@ -169,20 +196,52 @@ class Pipeline:
         return self.comm.all_to_all_v(y, [sum(r) for r in chunk.received], [sum(r) for r in chunk.sent],
                                       self.algorithm, async_op=True)
 
-    def run(self, buffer: torch.Tensor, stage: Stage, what: str) -> torch.Tensor:
-        """``buffer`` ``[R, M]`` (no grad) through the N-chunk schedule."""
+    def run(self, buffer: torch.Tensor, stage: Stage, what: str, back: bool = True,
+            spans: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """``buffer`` ``[R, M]`` (no grad) through the N-chunk schedule.
+
+        Chunks ``[i, j)`` of a span go through the experts as one call.
+        ``spans=None`` decides as it goes: with chunk i, every later chunk
+        whose rows have already arrived (nothing left to overlap them with);
+        so exchanges that finish at once (one rank, a local copy) cost one
+        expert call, as at N = 1. The backward passes the forward's spans.
+        ``back=False``: the stage returns nothing to send back (the backward
+        when the rows need no gradient), so only the first exchanges run.
+        Returns the result (None when ``back=False``) and the spans run.
+        """
         pieces = torch.ops.alltoall.gather_blocks(buffer, *self._split).split(self._chunk_rows)
         outgoing = [self._to_experts(i, pieces[i]) for i in range(self.parts)]
-        returning = []
-        for i, chunk in enumerate(self.chunks):
-            arrived = outgoing[i].wait()
-            outgoing[i] = None  # free the received rows once used
-            with record_function(f"alltoall.moe.experts {what} chunk {i}"):
-                out = stage(i, regroup(arrived, chunk.arrived), chunk.per_expert)
-                back = regroup(out, chunk.by_expert)
-            returning.append(self._from_experts(i, back))
+        del pieces
+        returning, used, i = [], [], 0
+        while i < self.parts:
+            outgoing[i].wait()
+            if spans is None:
+                j = i + 1
+                while j < self.parts and outgoing[j].is_completed():
+                    j += 1
+            else:
+                j = spans[len(used)][1]
+            arrived = [outgoing[c].wait() for c in range(i, j)]
+            outgoing[i:j] = [None] * (j - i)  # free the received rows once used
+            to_experts, from_experts, per_expert = _span_orders(self.chunks[i:j])
+            with record_function(f"alltoall.moe.experts {what} chunk {i}" + (f"..{j - 1}" if j - i > 1 else "")):
+                rows = arrived[0] if j - i == 1 else torch.cat(arrived)
+                del arrived
+                out = stage(len(used), torch.ops.alltoall.gather_blocks(rows, *to_experts), per_expert)
+                del rows
+                if back:
+                    assert out is not None
+                    out = torch.ops.alltoall.gather_blocks(out, *from_experts)
+            if back:
+                sizes = [sum(map(sum, chunk.arrived)) for chunk in self.chunks[i:j]]
+                for c, part in zip(range(i, j), out.split(sizes), strict=True):
+                    returning.append(self._from_experts(c, part))
+            used.append((i, j))
+            i = j
+        if not back:
+            return None, used
         outs = [work.wait() for work in returning]
-        return torch.ops.alltoall.gather_blocks(torch.cat(outs), *self._join)
+        return torch.ops.alltoall.gather_blocks(torch.cat(outs), *self._join), used
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for ``rows`` ``[R, M]``, differentiable in
@@ -190,7 +249,7 @@ class Pipeline:
         params = [p for p in self.experts.parameters() if p.requires_grad]
         if torch.is_grad_enabled() and (rows.requires_grad or params):
             return PipelinedExperts.apply(rows, self, *params)
-        return self.run(rows, lambda i, x, per_expert: self.experts(x, per_expert), "forward")
+        return self.run(rows, lambda i, x, per_expert: self.experts(x, per_expert), "forward")[0]
 
 
 class _Ready:
@@ -201,6 +260,22 @@ class _Ready:
 
     def wait(self) -> torch.Tensor:
         return self.value
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _Schedule(nn.Module):
+    """Runs ``body`` with ``experts`` as a submodule, so that one
+    ``functional_call`` puts parameter aliases in place for all of it."""
+
+    def __init__(self, experts: LocalExperts, body: Callable[[], Any]) -> None:
+        super().__init__()
+        self.experts = experts
+        self.body = body
+
+    def forward(self) -> Any:
+        return self.body()
 
 
 class PipelinedExperts(torch.autograd.Function):
@@ -215,35 +290,43 @@ class PipelinedExperts(torch.autograd.Function):
         names = {id(p): n for n, p in pipe.experts.named_parameters()}
         aliases = [p.detach().requires_grad_() for p in params]
         overrides = {names[id(p)]: a for p, a in zip(params, aliases, strict=True)}
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # As at N = 1: the experts' input gradient (and the backward's
+        # return exchanges) only when the rows need it.
+        rows_grad = rows.requires_grad
+        saved: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
         def stage(i: int, x: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-            x = x.detach().requires_grad_()
+            x = x.detach().requires_grad_(rows_grad)
             with torch.enable_grad():
-                y = torch.func.functional_call(pipe.experts, overrides, (x, per_expert))
+                y = pipe.experts(x, per_expert)
             saved.append((x, y))
             return y.detach()
 
-        out = pipe.run(rows.detach(), stage, "forward")
-        ctx.pipe, ctx.saved, ctx.aliases = pipe, saved, aliases
+        # The aliases go in once for the whole schedule, not once per chunk
+        # (a reparametrization costs about as much as a small expert call).
+        body = _Schedule(pipe.experts, lambda: pipe.run(rows.detach(), stage, "forward"))
+        out, spans = torch.func.functional_call(body, {f"experts.{n}": a for n, a in overrides.items()}, ())
+        ctx.pipe, ctx.saved, ctx.aliases, ctx.rows_grad, ctx.spans = pipe, saved, aliases, rows_grad, spans
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        pipe, saved, aliases = ctx.pipe, ctx.saved, ctx.aliases
-        totals: list[torch.Tensor | None] = [None] * len(aliases)
+        pipe, saved, aliases, rows_grad = ctx.pipe, ctx.saved, ctx.aliases, ctx.rows_grad
 
-        def stage(i: int, g: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-            x, y = saved[i]
-            grads = torch.autograd.grad(y, [x, *aliases], g, allow_unused=True)
-            saved[i] = None  # type: ignore[call-overload]
-            for j, gp in enumerate(grads[1:]):
-                if gp is not None:
-                    totals[j] = gp if totals[j] is None else totals[j] + gp
-            return grads[0] if grads[0] is not None else torch.zeros_like(x)
+        def stage(i: int, g: torch.Tensor, per_expert: list[int]) -> torch.Tensor | None:
+            x, y = saved[i]  # type: ignore[misc]
+            saved[i] = None  # the chunk's graph goes as soon as it is used
+            # Parameter gradients accumulate in place on the aliases' .grad
+            # (chunk 0's is taken as is, later chunks are added to it in
+            # chunk order), rather than N full-size temporaries and sums.
+            torch.autograd.backward(y, g, inputs=[*aliases, x] if rows_grad else aliases)
+            if not rows_grad:
+                return None
+            return x.grad if x.grad is not None else torch.zeros_like(x)
 
-        grad_rows = pipe.run(grad.contiguous(), stage, "backward")
+        grad_rows, _ = pipe.run(grad.contiguous(), stage, "backward", back=rows_grad, spans=ctx.spans)
+        totals = [a.grad for a in aliases]
         ctx.saved = ctx.aliases = None
         return (grad_rows, None, *totals)
 

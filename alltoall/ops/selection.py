@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from alltoall.plan import Profile, make_plan, predict_plan
+from alltoall.plan import Profile, breakpoints, make_plan, predict_plan
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
 
@@ -94,13 +94,22 @@ class ModelSelector:
             self._ranks = tuple(topo.ranks_of_node(0))
         self._plans = {a: [make_plan(topo.node_of_rank, r, a, rank_order=self.rank_order) for r in self._ranks]
                        for a in self.algorithms}
-        # The model is linear in the size: each rank's prediction is a line
-        # (us at 0 bytes, us per byte). "auto" evaluates the slowest rank's
-        # with plain arithmetic, which torch.compile traces. This also fails
-        # here, at creation, when the profile lacks a class in use.
-        at_zero, at_mib = self.predict_all(0), self.predict_all(1 << 20)
-        self._lines = {a: sorted({(z, (m - z) / (1 << 20)) for z, m in zip(at_zero[a], at_mib[a], strict=True)})
-                       for a in self.algorithms}
+        # The model is piecewise linear in the size (its slope changes where
+        # messages cross a protocol threshold): between two breakpoints each
+        # rank's prediction is a line (us at the segment's start, us per
+        # byte). "auto" evaluates the slowest rank's with plain arithmetic,
+        # which torch.compile traces. This also fails here, at creation, when
+        # the profile lacks a class in use.
+        cuts = sorted({0.0, *(b for plans in self._plans.values() for raw in plans
+                              for b in breakpoints(raw, self.profile))})
+        self._starts = tuple(cuts)
+        self._segments: list[dict[str, list[tuple[float, float]]]] = []
+        for i, start in enumerate(cuts):
+            step = (cuts[i + 1] - start) / 2 if i + 1 < len(cuts) else float(1 << 20)
+            at_start, at_step = self.predict_all(start), self.predict_all(start + step)
+            self._segments.append({a: sorted({(z - start * (m - z) / step, (m - z) / step)
+                                              for z, m in zip(at_start[a], at_step[a], strict=True)})
+                                   for a in self.algorithms})
 
     def predict_all(self, bytes_per_rank: float) -> dict[str, list[float]]:
         """Per algorithm, every considered rank's predicted microseconds."""
@@ -119,9 +128,13 @@ class ModelSelector:
     def choose(self, bytes_per_peer: int) -> str:
         """The fastest predicted algorithm; ties go to the earlier one."""
         size = bytes_per_peer * self.topology.size
+        lines = self._segments[0]
+        for start, segment in zip(self._starts, self._segments, strict=True):
+            if size >= start:
+                lines = segment
         best, best_us = self.algorithms[0], None
         for a in self.algorithms:
-            us = max(zero + slope * size for zero, slope in self._lines[a])
+            us = max(zero + slope * size for zero, slope in lines[a])
             if best_us is None or us < best_us:
                 best, best_us = a, us
         return best

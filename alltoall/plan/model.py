@@ -1,12 +1,18 @@
 """The cost model: predicted time of a plan for a size and a profile (layer 2).
 
-Every phase costs the profile's ``phase_us`` (one collective call on its
-transport), each of its messages alpha and each byte 1/bandwidth of its
-link class; every reorder pass costs one copy of the buffer at the copy
-rate. The terms add up: a rank runs its phases one after the other, and
+Every phase costs its link class's ``phase_us`` (one collective call on
+its transport), each of its messages alpha and each byte 1/bandwidth of
+the class, at the bandwidth of the protocol its message size selects (the
+shared-memory transport reads messages of at least
+``ALLTOALL_SHM_SINGLE_COPY_BYTES`` straight from the sender; smaller ones go
+through a ring); every reorder pass costs one copy of the buffer at the copy
+rate, the lower one once the buffer passes the copy's threshold (the
+job's buffers no longer fit the last-level cache). The terms add up: a rank runs its phases one after the other, and
 the model charges the messages of one phase in sequence too (alpha is the
 cost per message as measured in a whole exchange, with whatever overlap
-the transport achieves folded in).
+the transport achieves folded in). The prediction is piecewise linear in
+the size: its slope changes where a phase's messages cross a protocol
+threshold (``breakpoints``).
 
 A phase's link class is what ``Communicator.links`` reports for it, or, for
 a plan built offline, the profile's intra-node class when the phase stays
@@ -109,14 +115,14 @@ def predict_plan(
 
     def copy(label: str, blocks: float) -> None:
         nbytes = blocks * block
-        costs.append(Cost(label, "copy", 1, nbytes, profile.copy.time_us(1, nbytes)))
+        costs.append(Cost(label, "copy", 1, nbytes, profile.copy.time_us(1, nbytes, nbytes)))
 
     if raw.algorithm == "coordinated":
         copy("take chunks", raw.num_blocks / raw.tp)
     for i, (phase, link) in enumerate(zip(phases, links, strict=True)):
         name = f"phase {i + 1} {phase.collective} ({phase.role})"
-        if profile.phase_us:
-            costs.append(Cost(name, "phase", 0, 0.0, profile.phase_us))
+        if profile.link(link).phase_us:
+            costs.append(Cost(f"{name} fixed", link, 0, 0.0, profile.link(link).phase_us))
         if len(phase.pre_permutation):
             copy(f"reorder before phase {i + 1}", len(phase.pre_permutation))
         peers = [r for r in phase.group_ranks if r != raw.rank]
@@ -125,8 +131,9 @@ def predict_plan(
         classes = [(link, len(peers))] if not spans_nodes else [(profile.intra_node, near), (link, len(peers) - near)]
         for cls, messages in classes:
             if messages:
-                nbytes = messages * phase.blocks_per_peer * block
-                costs.append(Cost(name, cls, messages, nbytes, profile.link(cls).time_us(messages, nbytes)))
+                each = phase.blocks_per_peer * block
+                costs.append(Cost(name, cls, messages, messages * each,
+                                  profile.link(cls).time_us(messages, messages * each, each)))
     if len(raw.post_permutation):
         copy("reorder after the last phase", len(raw.post_permutation))
     if raw.algorithm == "coordinated":
@@ -134,3 +141,20 @@ def predict_plan(
     elif not phases:
         copy("copy (group of one)", raw.num_blocks)
     return Prediction(raw.algorithm, bytes_per_rank, profile.name, tuple(costs))
+
+
+def breakpoints(raw: _C.ExchangePlan, profile: Profile) -> tuple[float, ...]:
+    """The sizes (bytes per rank) at which ``raw``'s prediction may change
+    slope: where a phase's messages reach the protocol threshold of a class
+    of the profile (every class is considered, whichever the phase runs on:
+    a spare breakpoint only splits a line in two), and where a copy pass
+    reaches the copy's threshold. Between two of them the prediction is a
+    straight line."""
+    out = {cost.large_bytes * raw.num_blocks / phase.blocks_per_peer
+           for phase in raw.phases if phase.blocks_per_peer
+           for cost in profile.links.values() if cost.large_bytes and cost.large_gbps is not None}
+    if profile.copy.large_bytes and profile.copy.large_gbps is not None:
+        passes = {len(p.pre_permutation) for p in raw.phases} | {len(raw.post_permutation), raw.num_blocks,
+                                                                  raw.num_blocks / raw.tp}
+        out |= {profile.copy.large_bytes * raw.num_blocks / blocks for blocks in passes if blocks}
+    return tuple(sorted(out))

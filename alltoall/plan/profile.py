@@ -1,11 +1,12 @@
 """Cost profiles: what a message and a byte cost on each class of link (layer 2).
 
 A profile describes one system: for every link class the plans' phases run
-on, a per-message cost alpha (microseconds) and a bandwidth (GB/s, 1e9 bytes
-per second), the cost of one local copy pass (the reorders between phases),
-a fixed cost per phase (``phase_us``: one collective call on a transport,
+on, a fixed cost per phase (``phase_us``: one collective call on a transport,
 and on an oversubscribed CPU host the wait for every rank to be scheduled),
-and
+a per-message cost alpha (microseconds) and a bandwidth (GB/s, 1e9 bytes
+per second), with a second bandwidth above the message size where the
+transport changes protocol (``large_bytes``, ``large_gbps``); the cost of
+one local copy pass (the reorders between phases); and
 which class carries messages between two ranks of one node and between
 nodes. ``alltoall-bench --calibrate`` fits one on the running job; shipped
 profiles (``alltoall/plan/profiles/*.json``) describe published GPU systems.
@@ -17,8 +18,9 @@ over NCCL, all members on one host) and "net" (c10d over NCCL across hosts).
 Files are JSON (``alltoall-profile/1``)::
 
     {"schema": "alltoall-profile/1", "name": "...", "description": "...",
-     "links": {"shm": {"alpha_us": 4.1, "gbps": 3.2}, "tcp": {...}},
-     "copy": {"alpha_us": 1.0, "gbps": 5.0}, "phase_us": 0.0,
+     "links": {"shm": {"alpha_us": 4.1, "gbps": 3.2, "phase_us": 300.0,
+                       "large_bytes": 65536, "large_gbps": 6.0}, "tcp": {...}},
+     "copy": {"alpha_us": 1.0, "gbps": 5.0},
      "intra_node": "shm", "inter_node": "tcp",
      "sources": ["..."], "fit": {...}}
 """
@@ -42,26 +44,60 @@ SHIPPED_PACKAGE = "alltoall.plan.profiles"
 
 @dataclass(frozen=True)
 class LinkCost:
-    """alpha_us per message (or per copy pass) plus bytes at gbps (1e9 B/s)."""
+    """What a phase on one link class costs: ``phase_us`` once per phase (the
+    collective call, and on an oversubscribed host the wait for every member
+    to be scheduled), ``alpha_us`` per message, and every byte at ``gbps``
+    (1e9 B/s), or at ``large_gbps`` for messages of at least ``large_bytes``
+    bytes when the transport switches protocol there (shared memory: ring
+    below ``ALLTOALL_SHM_SINGLE_COPY_BYTES``, single copy from it on).
+    ``large_bytes`` 0: one protocol at every size."""
 
     alpha_us: float
     gbps: float
+    phase_us: float = 0.0
+    large_bytes: int = 0
+    large_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.alpha_us >= 0:
             raise ValueError(f"alpha_us must be >= 0, got {self.alpha_us}")
         if not self.gbps > 0:
             raise ValueError(f"gbps must be > 0, got {self.gbps}")
+        if not self.phase_us >= 0:
+            raise ValueError(f"phase_us must be >= 0, got {self.phase_us}")
+        if self.large_bytes < 0:
+            raise ValueError(f"large_bytes must be >= 0, got {self.large_bytes}")
+        if self.large_gbps is not None and not self.large_gbps > 0:
+            raise ValueError(f"large_gbps must be > 0, got {self.large_gbps}")
 
     @property
     def us_per_byte(self) -> float:
         return 1.0 / (self.gbps * 1e3)
 
-    def time_us(self, messages: float, nbytes: float) -> float:
-        return messages * self.alpha_us + nbytes * self.us_per_byte
+    def gbps_for(self, message_bytes: float | None) -> float:
+        """The bandwidth that messages of ``message_bytes`` bytes see."""
+        large = (self.large_bytes > 0 and self.large_gbps is not None and message_bytes is not None
+                 and message_bytes >= self.large_bytes)
+        return self.large_gbps if large else self.gbps  # type: ignore[return-value]
+
+    def time_us(self, messages: float, nbytes: float, message_bytes: float | None = None) -> float:
+        """``messages`` messages carrying ``nbytes`` in all, each of
+        ``message_bytes`` (default: the small-message protocol)."""
+        return messages * self.alpha_us + nbytes / (self.gbps_for(message_bytes) * 1e3)
 
     def to_json(self) -> dict:
-        return {"alpha_us": self.alpha_us, "gbps": self.gbps}
+        doc = {"alpha_us": self.alpha_us, "gbps": self.gbps}
+        if self.phase_us:
+            doc["phase_us"] = self.phase_us
+        if self.large_bytes and self.large_gbps is not None:
+            doc["large_bytes"], doc["large_gbps"] = self.large_bytes, self.large_gbps
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> LinkCost:
+        large = doc.get("large_gbps")
+        return cls(float(doc["alpha_us"]), float(doc["gbps"]), float(doc.get("phase_us", 0.0)),
+                   int(doc.get("large_bytes", 0)), None if large is None else float(large))
 
 
 @dataclass(frozen=True)
@@ -72,7 +108,6 @@ class Profile:
     copy: LinkCost
     intra_node: str
     inter_node: str
-    phase_us: float = 0.0
     name: str = "unnamed"
     description: str = ""
     sources: tuple[str, ...] = ()
@@ -80,8 +115,6 @@ class Profile:
     path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.phase_us >= 0:
-            raise ValueError(f"profile {self.name!r}: phase_us must be >= 0, got {self.phase_us}")
         unknown = [k for k in self.links if k not in LINK_CLASSES]
         if unknown:
             raise ValueError(f"profile {self.name!r}: unknown link classes {unknown}; "
@@ -106,7 +139,6 @@ class Profile:
             "description": self.description,
             "links": {k: v.to_json() for k, v in sorted(self.links.items())},
             "copy": self.copy.to_json(),
-            "phase_us": self.phase_us,
             "intra_node": self.intra_node,
             "inter_node": self.inter_node,
             "sources": list(self.sources),
@@ -118,8 +150,8 @@ class Profile:
     @property
     def hash(self) -> str:
         """sha256 (16 hex digits) of everything a prediction reads: links,
-        copy, call and the two node classes. Names and notes do not count."""
-        keys = ("links", "copy", "phase_us", "intra_node", "inter_node")
+        copy and the two node classes. Names and notes do not count."""
+        keys = ("links", "copy", "intra_node", "inter_node")
         decisive = {k: v for k, v in self.to_json().items() if k in keys}
         text = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -130,10 +162,12 @@ class Profile:
         if doc.get("schema") != SCHEMA:
             raise ValueError(f"{where}: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
         try:
-            links = {k: LinkCost(float(v["alpha_us"]), float(v["gbps"])) for k, v in doc["links"].items()}
-            copy = LinkCost(float(doc["copy"]["alpha_us"]), float(doc["copy"]["gbps"]))
+            links = {k: LinkCost.from_json(v) for k, v in doc["links"].items()}
+            copy = LinkCost.from_json(doc["copy"])
+            if float(doc.get("phase_us", 0.0)):
+                raise ValueError(f"{where}: a profile-wide phase_us is no longer read; give each link class its "
+                                 f"own (links.CLASS.phase_us), or calibrate again")
             return cls(links=links, copy=copy, intra_node=doc["intra_node"], inter_node=doc["inter_node"],
-                       phase_us=float(doc.get("phase_us", 0.0)),
                        name=doc.get("name", "unnamed"), description=doc.get("description", ""),
                        sources=tuple(doc.get("sources", ())), fit=doc.get("fit"), path=path)
         except (KeyError, TypeError) as error:

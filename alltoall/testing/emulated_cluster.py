@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,24 @@ def launcher_free_environment(extra: Mapping[str, str] | None = None) -> dict[st
     return env
 
 
+def _raise_exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _unwind_on_sigterm() -> object | None:
+    """Makes SIGTERM raise SystemExit in the main thread, so ``close`` runs
+    (``with`` blocks and ``finally`` unwind) when a run is terminated, e.g. a
+    test session stopped with ``kill``: without it Python dies at once and
+    the namespaces' processes run on. Returns the handler to restore, or None
+    where nothing was changed (not the main thread, or a handler of the
+    caller's own is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_exit_on_sigterm)
+
+
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -125,6 +144,7 @@ class EmulatedCluster:
         self.workdir: str | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[object] = []
+        self._previous_sigterm: object | None = None
 
     # Lifetime ---------------------------------------------------------------
 
@@ -136,6 +156,7 @@ class EmulatedCluster:
         self.close()
 
     def start(self) -> None:
+        self._previous_sigterm = _unwind_on_sigterm()
         try:
             self.workdir = tempfile.mkdtemp(prefix=f"{self.network.base}-")
             with open(self.hosts_file, "w") as f:
@@ -159,6 +180,9 @@ class EmulatedCluster:
             if self.workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 self.workdir = None
+            if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._previous_sigterm)  # type: ignore[arg-type]
+                self._previous_sigterm = None
 
     @property
     def hosts_file(self) -> str:

@@ -20,13 +20,17 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     profile = profiles.load(path)
     # One host: the default transport is shared memory, c10d over gloo is "tcp".
     assert set(profile.links) == {"shm", "tcp"} and profile.intra_node == profile.inter_node == "shm"
-    assert profile.links["shm"].gbps > 0
-    assert profile.links["tcp"].gbps > 0 and profile.copy.gbps > 0 and profile.phase_us >= 0
+    assert profile.links["shm"].gbps > 0 and profile.links["shm"].phase_us >= 0
+    assert profile.links["tcp"].gbps > 0 and profile.copy.gbps > 0 and profile.links["tcp"].phase_us >= 0
+    # Shared memory switches to single copy at 64 KiB messages (the transport's
+    # default), and the sweep has three sizes above it: two bandwidths.
+    assert profile.links["shm"].large_bytes == 65536 and profile.links["shm"].large_gbps > 0
+    assert profile.links["tcp"].large_gbps is None
     assert f"hash {profile.hash}" in cal.stdout and f"wrote profile: {path}" in cal.stdout
     fitted = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["shm"], ["tcp"], ["copy"])]
-    # Fit lines for shm, tcp and copy; 7 sizes on the node and rail groups
-    # (pairs already, so no pair scope) over both transports, and of copies.
-    assert len(fitted) == 3 + 2 * 2 * 7 + 7, cal.stdout
+    # Fit lines for shm, tcp and copy; 7 sizes on the world, the node groups
+    # and the rail groups over both transports, and 15 of copies (1 KiB to 16 MiB).
+    assert len(fitted) == 3 + 3 * 2 * 7 + 15, cal.stdout
     assert profile.fit is not None and 0 <= profile.fit["tcp"]["max_relative_error"]
 
     out = tmp_path / "run.json"

@@ -34,8 +34,9 @@ class RowWise(nn.Module):
         return torch.tanh(x * self.scale + self.shift)
 
 
-def _step(layer: MoE, x: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    x = x.clone().requires_grad_()
+def _step(layer: MoE, x: torch.Tensor, probe: torch.Tensor,
+          input_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    x = x.clone().requires_grad_(input_grad)
     out, aux, _ = layer(x)
     assert out.requires_grad
     ((out * probe).sum() + 0.1 * aux).backward()
@@ -56,7 +57,15 @@ def _against_degree_one(make: Callable[[int], MoE], x: torch.Tensor, probe: torc
         assert_same_bytes(result[1], base[1], f"N={degree} input grad")
         for name, grad in result[2].items():  # sums over rows: the order differs by chunking
             torch.testing.assert_close(grad, base[2][name], rtol=1e-10, atol=1e-12, msg=f"N={degree} {name}")
-    return len(DEGREES) - 1
+    # Input without grad (the first MoE of a model): as at N = 1, the
+    # backward then has no return exchanges; parameter grads still match.
+    plain = [_step(make(degree), x, probe, input_grad=False) for degree in (1, 3)]
+    assert plain[0][1] is None and plain[1][1] is None
+    assert_same_bytes(plain[1][0], plain[0][0], "N=3 output, input without grad")
+    for name, grad in plain[1][2].items():
+        torch.testing.assert_close(grad, plain[0][2][name], rtol=1e-10, atol=1e-12, msg=f"N=3 {name}, no input grad")
+        torch.testing.assert_close(grad, base[2][name], rtol=1e-10, atol=1e-12, msg=f"N=3 {name} vs input grad")
+    return len(DEGREES)
 
 
 def _expert_parallel(local_size: int) -> int:
@@ -87,7 +96,7 @@ def _expert_parallel(local_size: int) -> int:
 
 @pytest.mark.parametrize("world,local_size", [(1, 1), (4, 2)])
 def test_overlapped_layer_matches_degree_one_and_reference(worlds, world, local_size):
-    assert worlds.run(world, _expert_parallel, local_size, deadline_s=300) == [8 * 6] * world
+    assert worlds.run(world, _expert_parallel, local_size, deadline_s=300) == [8 * 7] * world
 
 
 def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> int:
@@ -118,7 +127,7 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> int:
 
 
 def test_tensor_and_expert_parallel_overlap(worlds):
-    assert worlds.run(4, _tensor_and_expert_parallel, 2, 2, 2, deadline_s=300) == [4 * 5] * 4
+    assert worlds.run(4, _tensor_and_expert_parallel, 2, 2, 2, deadline_s=300) == [4 * 6] * 4
 
 
 def test_overlap_degree_must_be_a_positive_integer():
@@ -128,3 +137,30 @@ def test_overlap_degree_must_be_a_positive_integer():
     assert layer.overlap_degree == 3
     with pytest.raises(ValueError, match=r"overlap_degree=1\.5"):
         layer.overlap_degree = 1.5
+
+
+@pytest.mark.parametrize("arrived", [True, False])
+def test_chunks_run_together_only_when_already_arrived(monkeypatch, arrived):
+    """One process: every exchange is complete at once, so the N chunks run
+    as one expert call; with exchanges reported as still running, one call
+    per chunk. Both equal N = 1."""
+    from alltoall.moe import pipeline
+
+    monkeypatch.setattr(pipeline._Ready, "is_completed", lambda self: arrived)
+    calls: list[int] = []
+
+    def make(degree: int) -> MoE:
+        torch.manual_seed(70)
+        layer = MoE(HIDDEN, RowWise(HIDDEN), num_experts=4, k=2, min_capacity=1, overlap_degree=degree).double()
+        layer.experts.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        return layer
+
+    x, probe = rank_input(0, 12, (HIDDEN,), torch.float64, 7), rank_input(0, 12, (HIDDEN,), torch.float64, 8)
+    base = _step(make(1), x, probe)
+    calls.clear()
+    result = _step(make(3), x, probe)
+    assert len(calls) == (1 if arrived else 3), calls
+    assert_same_bytes(result[0], base[0], "N=3 output")
+    assert_same_bytes(result[1], base[1], "N=3 input grad")
+    for name, grad in result[2].items():
+        torch.testing.assert_close(grad, base[2][name], rtol=1e-10, atol=1e-12, msg=name)

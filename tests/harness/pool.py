@@ -32,7 +32,20 @@ class RankFailure(AssertionError):
     """One or more ranks raised; the message holds every rank's traceback."""
 
 
-def _worker(rank: int, world_size: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _die_with(parent_pid: int) -> None:
+    """Asks the kernel to SIGKILL this process when its parent ends, so a
+    test session that is killed leaves no rank processes waiting for jobs."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent ended before the request took effect
+        os._exit(1)
+
+
+def _worker(rank: int, world_size: int, jobs: mp.Queue, results: mp.Queue, parent_pid: int) -> None:
+    _die_with(parent_pid)
     import torch
     import torch.distributed as dist
 
@@ -79,7 +92,8 @@ class WorldPool:
         self._results = self._ctx.Queue()
         self._jobs = [self._ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
-            self._ctx.Process(target=_worker, args=(r, self.world_size, self._jobs[r], self._results), daemon=True)
+            self._ctx.Process(target=_worker, args=(r, self.world_size, self._jobs[r], self._results, os.getpid()),
+                              daemon=True)
             for r in range(self.world_size)
         ]
         for p in self._procs:

@@ -134,3 +134,32 @@ def test_leftovers_of_dead_runs_are_removed_and_live_runs_untouched(cluster_fact
         assert dead not in netns.list_namespaces() and live in netns.list_namespaces()
     finally:
         netns.delete_namespaces([dead, live])
+
+
+_TERMINATED_RUN = r"""
+import sys, time
+from alltoall.testing import EmulatedCluster
+with EmulatedCluster(2, rate=None) as cluster:
+    for host, path in zip(cluster.hosts, sys.argv[1:3]):
+        cluster.popen(host, ["sh", "-c", f"echo $$ > {path}; exec sleep 1000"])
+    print(" ".join(cluster.network.namespaces), flush=True)
+    time.sleep(1000)
+"""
+
+
+def test_a_terminated_run_removes_its_hosts_and_processes(tmp_path):
+    """``kill`` (SIGTERM) of the process that owns a cluster, e.g. a stopped
+    test session, still removes its namespaces and kills what ran inside."""
+    files = [str(tmp_path / f"pid{i}") for i in range(2)]
+    owner = subprocess.Popen([sys.executable, "-c", _TERMINATED_RUN, *files], stdout=subprocess.PIPE, text=True)
+    try:
+        names = owner.stdout.readline().split()
+        assert len(names) == 3, f"the cluster did not start: {names}"
+        _wait_for(files)
+        owner.terminate()
+        assert owner.wait(timeout=60) == 128 + 15
+    finally:
+        owner.kill()
+    pids = [int(open(p).read()) for p in files]
+    assert all(_gone(pid) for pid in pids), f"processes {pids} survived their cluster"
+    assert not set(names) & set(netns.list_namespaces())

@@ -134,11 +134,64 @@ def test_active_profile_from_environment(tmp_path, monkeypatch):
 
 
 def test_phase_cost_by_hand():
-    per_phase = Profile(links=PROFILE.links, copy=PROFILE.copy, intra_node="shm", inter_node="tcp", phase_us=50.0)
+    with_phase = {k: LinkCost(v.alpha_us, v.gbps, phase_us=50.0 if k == "tcp" else 20.0)
+                  for k, v in PROFILE.links.items()}
+    per_phase = Profile(links=with_phase, copy=PROFILE.copy, intra_node="shm", inter_node="tcp")
+    # Flat's one phase is a tcp phase (it spans nodes): tcp's phase cost once.
     assert plan(8, 4, "flat").predict(B, per_phase).time_us == pytest.approx(50.0 + 6.768 + 44.096)
-    for algorithm, tp in (("hierarchical", 1), ("coordinated", 2)):  # two phases each
-        summary = plan(8, 4, algorithm, tp)
-        assert summary.predict(B, per_phase).time_us == pytest.approx(100.0 + summary.predict(B, PROFILE).time_us)
+    # Hierarchical: a shm phase (node) and a tcp phase (rail).
+    hierarchical = plan(8, 4, "hierarchical")
+    assert hierarchical.predict(B, per_phase).time_us == pytest.approx(70.0 + hierarchical.predict(B, PROFILE).time_us)
     assert plan(8, 8, "hierarchical").predict(B, per_phase).time_us == pytest.approx(
-        50.0 + plan(8, 8, "hierarchical").predict(B, PROFILE).time_us)  # one node: one phase
+        20.0 + plan(8, 8, "hierarchical").predict(B, PROFILE).time_us)  # one node: one shm phase
     assert per_phase.hash != PROFILE.hash
+
+
+def test_protocol_threshold_by_hand():
+    # shm: 0.25 ns/B below 4 KiB messages, 0.1 ns/B (10 GB/s) from 4 KiB on.
+    two = Profile(links={"shm": LinkCost(2.0, 4.0, large_bytes=4096, large_gbps=10.0), "tcp": LinkCost(10.0, 1.0)},
+                  copy=PROFILE.copy, intra_node="shm", inter_node="shm")
+    flat = plan(8, 8, "flat")  # 7 messages of b/8
+    assert flat.predict(8 * 4095, two).time_us == pytest.approx(7 * 2 + 7 * 4095 * 0.25e-3)
+    assert flat.predict(8 * 4096, two).time_us == pytest.approx(7 * 2 + 7 * 4096 * 0.1e-3)
+    from alltoall.plan.model import breakpoints
+
+    assert breakpoints(flat.raw, two) == (8 * 4096,)
+    # Hierarchical on 2 nodes of 4: node messages carry 2 of 8 blocks, the rail message 4.
+    assert breakpoints(plan(8, 4, "hierarchical").raw, two) == (8 * 4096 / 4, 8 * 4096 / 2)
+    assert breakpoints(flat.raw, PROFILE) == ()
+    # The new fields survive a round trip and count in the hash.
+    again = Profile.from_json(two.to_json())
+    assert again == two and again.hash == two.hash
+    assert two.hash != Profile.from_json({**two.to_json(), "links": {**two.to_json()["links"], "shm": {
+        "alpha_us": 2.0, "gbps": 4.0, "large_bytes": 8192, "large_gbps": 10.0}}}).hash
+
+
+def test_profile_wide_phase_cost_is_refused():
+    doc = {**PROFILE.to_json(), "phase_us": 5.0}
+    with pytest.raises(ValueError, match="profile-wide phase_us is no longer read"):
+        Profile.from_json(doc)
+
+
+def test_auto_follows_the_piecewise_prediction_across_thresholds():
+    # Shared memory 4x faster per byte from 16 KiB messages on: flat's
+    # messages (b/8) cross it at 128 KiB per rank, hierarchical's node and
+    # rail messages (b/4, b/2) at 64 and 32 KiB. The selector's lines must
+    # give the algorithm the full prediction ranks fastest, at every size
+    # around the breakpoints, not only at the ends.
+    from alltoall.ops.selection import ModelSelector
+    from alltoall.topology import Topology
+
+    shm = LinkCost(5.0, 0.5, phase_us=40.0, large_bytes=16384, large_gbps=2.0)
+    profile = Profile(links={"shm": shm}, copy=LinkCost(1.0, 100.0), intra_node="shm", inter_node="shm")
+    topology = Topology.emulate(8, 4, 0)
+    links = [{"flat": ("shm",), "hierarchical": ("shm", "shm")}] * 8
+    selector = ModelSelector(profile, topology, links, ("flat", "hierarchical"))
+    picks = set()
+    for size in sorted({int(b * f) for b in (8192, 32768, 65536, 131072, 1 << 20) for f in (0.5, 0.99, 1, 1.01, 2)}):
+        size -= size % 64  # a whole number of bytes per peer
+        full = selector.predict_us(size)
+        pick = selector.choose(size // 8)
+        assert full[pick] == pytest.approx(min(full.values()), rel=1e-9), (size, full, pick)
+        picks.add(pick)
+    assert picks == {"flat", "hierarchical"}  # hierarchical wins where only its messages are large
