@@ -17,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet $(TORCH)
 
 $(BUILT): $(BIN)/python $(SOURCES)
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[test,bench,mpi]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation -e ".[test,bench,mpi,clients]"
 	touch $@
 
 install: $(BUILT)

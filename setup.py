@@ -78,6 +78,11 @@ setup(
         "test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark", "ruff", "jsonschema"],
         "bench": ["matplotlib"],
         "mpi": ["mpi4py", "mpich"],
+        # Real clients of the "alltoall" torch.distributed backend, for its
+        # tests (tests/backend/test_clients.py). DeepSpeed builds no ops with
+        # DS_BUILD_OPS=0 (the Makefile sets it); megatron-core 0.16.1 is the
+        # newest release for Python 3.11.
+        "clients": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -296,7 +296,8 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
             "script, start the ranks with srun), or call torch.distributed.init_process_group yourself"
         )
     backend = backend or default_backend()
-    if "nccl" in backend:
+    # NCCL, or the alltoall backend wrapping it: one device per process.
+    if "nccl" in backend or (backend == "alltoall" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     os.environ["LOCAL_RANK"] = str(local_rank)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size,

@@ -9,6 +9,7 @@ Exit status: 0, or 3 when any element was wrong (1 on errors, 2 on bad flags).
   alltoall-bench --nprocs 8 --local-size 4 -b 1K -e 4M -f 2
   torchrun --nproc-per-node 4 -m alltoall.bench -b 1K -e 1M --json out.json
   mpiexec -n 4 python -m alltoall.bench --algorithms flat,torch,mpi
+  alltoall-bench --nprocs 8 --local-size 4 --backend alltoall --algorithms torch,auto
   alltoall-bench --nprocs 8 --calibrate          # fit a cost profile for "auto"
 
 With a cost profile (--profile, ALLTOALL_PROFILE, or the file --calibrate
@@ -27,12 +28,14 @@ import torch.distributed as dist
 
 import alltoall
 import alltoall.transport
+from alltoall.backend import BACKEND_NAME
 from alltoall.cli import bench_algorithms, bench_model, bench_report, bench_traffic, calibrate
 from alltoall.cli.bench_launch import launched_by_self, self_launch
 from alltoall.cli.bench_run import SweepOptions, sweep
 from alltoall.cli.info import build_lines
 from alltoall.launch import LaunchInfo, detect_launcher, init_distributed
 from alltoall.plan import profile as profiles
+from alltoall.topology import LOCAL_SIZE_ENV
 
 EXIT_WRONG = 3
 
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel degree for the coordinated algorithm (default 1)")
     p.add_argument("--local-size", type=_typed(_positive, "local size"), default=None,
                    help="emulate nodes of this many consecutive ranks (default: detect by host name)")
+    p.add_argument("--backend", default=None,
+                   help="torch.distributed backend of the default group (default: nccl with GPUs, else gloo); "
+                        "'alltoall' sends the torch baseline through this library's backend (docs/api.md)")
     p.add_argument("--nprocs", type=_typed(_positive, "nprocs"), default=None,
                    help="not under a launcher: start this many local ranks (gloo on CPU, NCCL with GPUs)")
     p.add_argument("--threads", type=_typed(_positive, "threads"), default=1,
@@ -167,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
-    launch = init_distributed()
+    if args.backend == BACKEND_NAME and args.local_size is not None:
+        # The backend's groups then see the nodes the Communicator emulates.
+        os.environ.setdefault(LOCAL_SIZE_ENV, str(args.local_size))
+    launch = init_distributed(backend=args.backend)
     try:
         # In a function of its own, so the Communicator (which holds the
         # process groups) is released before the groups are destroyed.
@@ -178,7 +187,8 @@ def _run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], launch: LaunchInfo) -> int:
     _check_world(parser, args, launch.world_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if launch.backend == "nccl" else torch.device("cpu")
+    on_gpu = launch.backend == "nccl" or (launch.backend == BACKEND_NAME and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.calibrate:

@@ -257,8 +257,8 @@ REGISTRY: dict[str, Algorithm] = {
         Algorithm("coordinated", "ParallelGroups.coordinated_all_to_all: TP-replicated input, 1/tp per rank over EP",
                   _coordinated_unavailable, _coordinated_build, _coordinated_workload, per_transport=True,
                   transports=_coordinated_phases),
-        Algorithm("torch", "torch.distributed.all_to_all_single (baseline)", _always, _torch_build,
-                  transports=_torch_phases),
+        Algorithm("torch", "torch.distributed.all_to_all_single (baseline; through our plans under --backend "
+                  "alltoall)", _always, _torch_build, transports=_torch_phases),
         Algorithm("mpi", "mpi4py Comm.Alltoall / Alltoallv on host bytes, timed in a phase of its own",
                   _mpi_unavailable, _mpi_build, isolated=True, barrier=_mpi_barrier),
     )

@@ -1,5 +1,6 @@
-"""alltoall-info: the package, its build, torch and its backends, and the
-topology when run under a launcher (torchrun, mpiexec, srun)."""
+"""alltoall-info: the package, its build, torch and its backends (the
+"alltoall" torch.distributed backend included), and the topology when run
+under a launcher (torchrun, mpiexec, srun)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 import alltoall
 from alltoall._library import _C
+from alltoall.backend import BACKEND_NAME, is_registered
 from alltoall.launch import detect_launcher, init_distributed
 
 
@@ -31,6 +33,9 @@ def build_lines(machine: bool = True) -> list[str]:
                                       ("mpi", dist.is_mpi_available())) if ok]
     lines.append(f"torch {torch.__version__}: CUDA {torch.version.cuda or 'none'}, "
                  f"{torch.cuda.device_count()} GPU(s) visible, backends {', '.join(backends) or 'none'}")
+    state = "registered" if is_registered() else "NOT registered"
+    lines.append(f"torch.distributed backend '{BACKEND_NAME}': {state} (init_process_group(\"{BACKEND_NAME}\"); "
+                 f"devices cpu, cuda)")
     host = f" on {platform.node()}" if machine else ""
     lines.append(f"python {platform.python_version()}{host} ({platform.machine()})")
     return lines

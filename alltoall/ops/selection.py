@@ -55,15 +55,22 @@ def hierarchy_possible(topology: Topology) -> bool:
     return not topology.emulated and topology.num_nodes > 1 and g is not None and g > 1
 
 
+def hierarchical_up_to(topology: Topology) -> int | None:
+    """The bytes per peer up to which equal splits go hierarchical; None when
+    they never do on this topology."""
+    return max_peer_bytes() if hierarchy_possible(topology) else None
+
+
 def choose(topology: Topology, bytes_per_peer: int | None) -> str:
     """The fixed rule: 'hierarchical' or 'flat'. Every rank must reach the
     same answer, so uneven exchanges (whose sizes differ by rank) pass
     bytes_per_peer=None and decide on the topology alone."""
-    if not hierarchy_possible(topology):
+    limit = hierarchical_up_to(topology)
+    if limit is None:
         return "flat"
     if bytes_per_peer is None:
         return "hierarchical"
-    return "hierarchical" if bytes_per_peer <= max_peer_bytes() else "flat"
+    return "hierarchical" if bytes_per_peer <= limit else "flat"
 
 
 @dataclass

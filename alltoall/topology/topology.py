@@ -19,6 +19,17 @@ from alltoall.topology.hosts import host_identity, host_name
 LOCAL_SIZE_ENV = "ALLTOALL_LOCAL_SIZE"
 
 
+def emulated_local_size() -> int | None:
+    """``ALLTOALL_LOCAL_SIZE`` as an int, or None when unset."""
+    raw = os.environ.get(LOCAL_SIZE_ENV)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{LOCAL_SIZE_ENV}={raw!r} is not an integer") from None
+
+
 @dataclass(frozen=True)
 class Topology:
     """The node layout of a process group, as seen from one of its ranks.
@@ -75,12 +86,8 @@ class Topology:
         """
         size = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        if local_size is None and os.environ.get(LOCAL_SIZE_ENV):
-            raw = os.environ[LOCAL_SIZE_ENV]
-            try:
-                local_size = int(raw)
-            except ValueError:
-                raise ValueError(f"{LOCAL_SIZE_ENV}={raw!r} is not an integer") from None
+        if local_size is None:
+            local_size = emulated_local_size()
         if local_size is not None:
             return cls.emulate(size, local_size, rank)
         names: list[object] = [None] * size

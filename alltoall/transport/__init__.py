@@ -9,6 +9,7 @@ from alltoall.transport.choice import (
     link_class,
     make_transport,
     resolve_transport,
+    transport_kind,
 )
 from alltoall.transport.process_group import (
     DEFAULT_TIMEOUT,
@@ -18,7 +19,7 @@ from alltoall.transport.process_group import (
     resolve_timeout,
     splits_parent_communicator,
 )
-from alltoall.transport.shm import ShmOptions
+from alltoall.transport.shm import ShmMembers, ShmOptions, create_shm_transport, store_agreement
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -27,11 +28,15 @@ __all__ = [
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "GroupRef",
+    "ShmMembers",
     "ShmOptions",
+    "create_shm_transport",
     "link_class",
     "make_transport",
     "new_subgroups",
     "resolve_timeout",
     "resolve_transport",
     "splits_parent_communicator",
+    "store_agreement",
+    "transport_kind",
 ]

@@ -20,7 +20,7 @@ from alltoall._library import _C
 from alltoall.plan.profile import LINK_CLASSES as PROFILE_LINK_CLASSES
 from alltoall.topology import host_name
 from alltoall.transport.process_group import GroupRef
-from alltoall.transport.shm import create_shm_transport
+from alltoall.transport.shm import ShmMembers, broadcast_agreement, create_shm_transport
 
 TRANSPORTS = ("auto", "shm", "c10d")
 TRANSPORT_ENV = "ALLTOALL_TRANSPORT"
@@ -46,25 +46,35 @@ def _handles_host_tensors(group: dist.ProcessGroup) -> bool:
     return backend != "nccl"
 
 
-def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeout: timedelta) -> _C.Transport:
-    """The transport of one group. ``hosts`` is every member's host identity
-    (group order), ``requested`` a resolved choice. Collective over the group
-    when it creates a shared-memory segment."""
-    c10d = _C.c10d_transport(group.name, list(group.global_ranks), timeout.total_seconds())
-    if requested == "c10d" or len(group.global_ranks) == 1:
-        return c10d
+def transport_kind(name: str, global_ranks: Sequence[int], hosts: Sequence[str], requested: str,
+                   host_tensors: bool) -> str:
+    """"shm" or "c10d" for one group, from its members' host identities
+    (group order), a resolved request, and whether its c10d backend handles
+    host tensors. ValueError when shared memory is requested across hosts."""
+    if requested == "c10d" or len(global_ranks) == 1:
+        return "c10d"
     on_one_host = len(set(hosts)) == 1
     if requested == "shm":
         if not on_one_host:
             spread = sorted({host_name(h) for h in hosts})
             raise ValueError(
-                f"transport='shm' needs every member of group '{group.name}' (global ranks "
-                f"{list(group.global_ranks)}) on one host, but they run on {', '.join(spread)}"
+                f"transport='shm' needs every member of group '{name}' (global ranks "
+                f"{list(global_ranks)}) on one host, but they run on {', '.join(spread)}"
             )
-        return create_shm_transport(group, host_name(hosts[0]), timeout, c10d)
-    if on_one_host and _handles_host_tensors(group.group):
-        return create_shm_transport(group, host_name(hosts[0]), timeout, c10d)
-    return c10d
+        return "shm"
+    return "shm" if on_one_host and host_tensors else "c10d"
+
+
+def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeout: timedelta) -> _C.Transport:
+    """The transport of one group. ``hosts`` is every member's host identity
+    (group order), ``requested`` a resolved choice. Collective over the group
+    when it creates a shared-memory segment."""
+    c10d = _C.c10d_transport(group.name, list(group.global_ranks), timeout.total_seconds())
+    kind = transport_kind(group.name, group.global_ranks, hosts, requested, _handles_host_tensors(group.group))
+    if kind == "c10d":
+        return c10d
+    members = ShmMembers(group.name, group.global_ranks, dist.get_rank(group.group))
+    return create_shm_transport(members, host_name(hosts[0]), timeout, c10d, broadcast_agreement(group))
 
 
 def link_class(transport: _C.Transport, hosts: Sequence[str]) -> str:

@@ -1,5 +1,8 @@
 """The shared-memory transport's Python side: its options and the
-rendezvous of one segment per group, agreed through the group itself.
+rendezvous of one segment per group. Rank 0's choice of segment reaches the
+others through a pluggable agreement: a broadcast over the group (the
+Communicator) or a key of the group's store (the alltoall c10d backend,
+whose groups cannot run collectives while they are being created).
 
 Options (environment; the group's rank 0 decides, and its values travel with
 the segment name, so every member lays out the segment the same way):
@@ -19,9 +22,11 @@ the segment name, so every member lays out the segment the same way):
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -42,6 +47,15 @@ DEFAULT_SINGLE_COPY_BYTES = 64 * 1024
 DEFAULT_SPINS = 32
 DEFAULT_YIELDS = 64
 DEFAULT_PREFIX = "alltoall-"
+
+
+def segment_prefix() -> str:
+    """``ALLTOALL_SHM_PREFIX`` or the default; raises ValueError naming it
+    when it holds a '/' (a POSIX shared-memory name has only the leading one)."""
+    prefix = os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+    if "/" in prefix:
+        raise ValueError(f"{PREFIX_ENV}={prefix!r} must not contain '/'")
+    return prefix
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
@@ -80,35 +94,96 @@ class ShmOptions:
         )
 
 
-def create_shm_transport(group: GroupRef, host: str, timeout: timedelta, fallback: _C.Transport) -> _C.Transport:
-    """A shared-memory transport for ``group``, whose members all run on
+@dataclass(frozen=True)
+class ShmOffer:
+    """What group rank 0 decides for a segment and every member must use."""
+
+    name: str
+    token: str
+    options: ShmOptions
+
+    @classmethod
+    def draw(cls, members: int, prefix: str) -> ShmOffer:
+        """A random segment name after ``prefix`` and job token, and the options from the environment."""
+        return cls(f"/{prefix}{os.getpid()}-{secrets.token_hex(8)}", secrets.token_hex(16),
+                   ShmOptions.from_env(members))
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "token": self.token, "options": asdict(self.options)})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ShmOffer:
+        raw = json.loads(text)
+        return cls(raw["name"], raw["token"], ShmOptions(**raw["options"]))
+
+
+# How the members agree on rank 0's offer: rank 0 passes its offer, the
+# others None, and all get rank 0's back.
+Agreement = Callable[[ShmOffer | None], ShmOffer]
+
+
+def broadcast_agreement(group: GroupRef) -> Agreement:
+    """Through the group itself (a Communicator's groups): one broadcast."""
+
+    def agree(offer: ShmOffer | None) -> ShmOffer:
+        box: list[object] = [offer]
+        dist.broadcast_object_list(box, src=group.global_ranks[0], group=group.group)
+        return box[0]  # type: ignore[return-value]
+
+    return agree
+
+
+def store_agreement(store: dist.Store, key: str, timeout: timedelta) -> Agreement:
+    """Through a key of a c10d store, waiting at most ``timeout``: for groups
+    that cannot run collectives yet (the alltoall backend's, while torch
+    creates them)."""
+
+    def agree(offer: ShmOffer | None) -> ShmOffer:
+        if offer is not None:
+            store.set(key, offer.to_json())
+            return offer
+        try:
+            store.wait([key], timeout)
+        except RuntimeError as error:
+            raise RuntimeError(f"shared-memory set-up: group rank 0 did not publish '{key}' within "
+                               f"{timeout.total_seconds():.0f} s: {error}") from None
+        return ShmOffer.from_json(store.get(key))
+
+    return agree
+
+
+@dataclass(frozen=True)
+class ShmMembers:
+    """A group as the segment sees it: its name (for messages), its members'
+    global ranks and this process's rank among them."""
+
+    name: str
+    global_ranks: tuple[int, ...]
+    rank: int
+
+
+def create_shm_transport(members: ShmMembers, host: str, timeout: timedelta, fallback: _C.Transport | None,
+                         agree: Agreement) -> _C.Transport:
+    """A shared-memory transport for a group whose members all run on
     ``host``. Collective over the group: rank 0 draws a random segment name
-    and job token and broadcasts them with its options; it creates the
-    segment (mode 0600), the others attach, and every member unlinks the
-    name once all are attached. ``fallback`` carries tensors that are not in
-    host memory."""
-    size = len(group.global_ranks)
-    rank = dist.get_rank(group.group)
-    offer: list[object] = [None]
-    if rank == 0:
-        prefix = os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
-        if "/" in prefix:
-            raise ValueError(f"{PREFIX_ENV}={prefix!r} must not contain '/'")
-        name = f"/{prefix}{os.getpid()}-{secrets.token_hex(8)}"
-        offer = [(name, secrets.token_hex(16), ShmOptions.from_env(size))]
-    dist.broadcast_object_list(offer, src=group.global_ranks[0], group=group.group)
-    name, token, options = offer[0]  # type: ignore[misc]
+    and job token (the name starts with ``ALLTOALL_SHM_PREFIX``), and ``agree``
+    hands them with its options to the others; rank 0 creates the segment
+    (mode 0600), the others attach, and every member unlinks the name once
+    all are attached. ``fallback`` carries tensors that are not in host
+    memory (None: they are an error)."""
+    prefix = segment_prefix()  # checked on every rank, before any communication
+    offer = agree(ShmOffer.draw(len(members.global_ranks), prefix) if members.rank == 0 else None)
     return _C.shm_transport(
-        segment_name=name,
-        token=token,
-        global_ranks=list(group.global_ranks),
-        rank=rank,
+        segment_name=offer.name,
+        token=offer.token,
+        global_ranks=list(members.global_ranks),
+        rank=members.rank,
         timeout_seconds=timeout.total_seconds(),
-        ring_bytes=options.ring_bytes,
-        single_copy_bytes=options.single_copy_bytes,
-        spins=options.spins,
-        yields=options.yields,
-        group_name=group.name,
+        ring_bytes=offer.options.ring_bytes,
+        single_copy_bytes=offer.options.single_copy_bytes,
+        spins=offer.options.spins,
+        yields=offer.options.yields,
+        group_name=members.name,
         host=host,
         fallback=fallback,
     )

@@ -39,6 +39,13 @@ void register_exchanger(py::module_& m) {
            }),
            py::arg("plan"), py::arg("transports"), py::arg("progress") = nullptr)
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)
+      .def("traffic",
+           [](const ops::Exchanger& ex) {
+             std::vector<std::pair<uint64_t, uint64_t>> out;
+             for (const auto& t : ex.traffic()) out.emplace_back(t.calls, t.bytes);
+             return out;
+           },
+           "(calls, bytes sent to other ranks) of each phase so far")
       .def("all_to_all", &ops::Exchanger::all_to_all, py::arg("input"), py::call_guard<py::gil_scoped_release>())
       .def("all_to_all_v", &ops::Exchanger::all_to_all_v, py::arg("input"), py::arg("input_splits"),
            py::arg("output_splits") = py::none(), py::call_guard<py::gil_scoped_release>())

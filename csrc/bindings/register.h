@@ -9,5 +9,6 @@ void register_transport(pybind11::module_& m);
 void register_progress(pybind11::module_& m);
 void register_exchanger(pybind11::module_& m);
 void register_build_info(pybind11::module_& m);
+void register_backend(pybind11::module_& m);
 
 }  // namespace alltoall::bindings

@@ -1,5 +1,6 @@
 // Transports as Python objects: alltoall.transport builds one per group and
 // hands them to the executor (Exchanger) and the TP all-gather (GroupGather).
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/python.h>
 
 #include <chrono>
@@ -83,6 +84,17 @@ void register_transport(py::module_& m) {
       },
       py::arg("group_name"), py::arg("global_ranks"), py::arg("timeout_seconds"),
       "A transport over the c10d ProcessGroup registered as group_name.");
+
+  m.def(
+      "backend_transport",
+      [](c10::intrusive_ptr<c10d::Backend> backend, const std::string& name, std::vector<int> ranks,
+         double timeout_seconds) {
+        return transport::make_backend_transport(std::move(backend), name, std::move(ranks),
+                                                 to_timeout(timeout_seconds));
+      },
+      py::arg("backend"), py::arg("group_name"), py::arg("global_ranks"), py::arg("timeout_seconds"),
+      "A transport over a c10d Backend object that no registered ProcessGroup holds (the alltoall backend's "
+      "inner backends); group_name names it in messages.");
 
   m.def("shm_transport", &make_shm, py::arg("segment_name"), py::arg("token"), py::arg("global_ranks"),
         py::arg("rank"), py::arg("timeout_seconds"), py::arg("ring_bytes"), py::arg("single_copy_bytes"),

@@ -36,6 +36,18 @@ Sizes sum_per_peer(const Sizes& block_sizes, int blocks_per_peer) {
 
 int64_t total(const Sizes& sizes) { return std::accumulate(sizes.begin(), sizes.end(), int64_t{0}); }
 
+// The destination's dtype and shape must be those of the result.
+void check_output(const char* what, const at::Tensor& output, const at::Tensor& input, int64_t rows) {
+  TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(), what, ": the output is ", output.scalar_type(),
+                    " but the input is ", input.scalar_type());
+  TORCH_CHECK_VALUE(output.device() == input.device(), what, ": the output is on ", output.device(),
+                    " but the input is on ", input.device());
+  std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
+  expected[0] = rows;
+  TORCH_CHECK_VALUE(output.sizes().vec() == expected, what, ": the output has shape ", output.sizes(),
+                    ", expected ", c10::IntArrayRef(expected));
+}
+
 void check_splits(const char* name, const Sizes& splits, int world_size) {
   TORCH_CHECK_VALUE(static_cast<int>(splits.size()) == world_size, name, " has ", splits.size(),
                     " entries but the group has ", world_size, " ranks");
@@ -63,6 +75,7 @@ Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transp
                       phase.group_ranks.size(), " ranks with this rank at ", phase.index_in_group, ", but ",
                       transports_[i]->describe(), " does not match");
   }
+  counters_ = std::make_unique<Counter[]>(transports_.size());
 }
 
 std::string Exchanger::step_name(size_t phase, const char* what) const {
@@ -74,10 +87,33 @@ Exchanger::~Exchanger() {
   if (progress_) progress_->synchronize();
 }
 
+void Exchanger::count(size_t phase, int64_t bytes_to_others) const {
+  counters_[phase].calls.fetch_add(1, std::memory_order_relaxed);
+  counters_[phase].bytes.fetch_add(static_cast<uint64_t>(bytes_to_others), std::memory_order_relaxed);
+}
+
+std::vector<PhaseTraffic> Exchanger::traffic() const {
+  std::vector<PhaseTraffic> out(transports_.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i].calls = counters_[i].calls.load(std::memory_order_relaxed);
+    out[i].bytes = counters_[i].bytes.load(std::memory_order_relaxed);
+  }
+  return out;
+}
+
 ProgressThread& Exchanger::require_progress(const char* what) const {
   TORCH_CHECK_VALUE(progress_ != nullptr, what, ": this Exchanger was built without a progress thread, so it "
                     "cannot run asynchronous exchanges (alltoall.Communicator gives its exchangers one)");
   return *progress_;
+}
+
+ExchangeResult Exchanger::in_order(const std::function<ExchangeResult()>& task, const char* what) const {
+  if (!progress_) return task();
+  return progress_->run(task, label(what));
+}
+
+std::string Exchanger::label(const char* what) const {
+  return std::string("alltoall::") + what + " (" + plan::to_string(plan_.algorithm) + ")";
 }
 
 void Exchanger::check_equal(const at::Tensor& input) const {
@@ -95,72 +131,29 @@ void Exchanger::check_uneven(const at::Tensor& input, const std::vector<int64_t>
   if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
 }
 
-at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
-  check_equal(input);
-  if (!progress_) return run_all_to_all(input);
-  return progress_->run([&] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all")).output;
-}
-
-std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
-    const at::Tensor& input, const std::vector<int64_t>& input_splits,
-    const std::optional<std::vector<int64_t>>& output_splits) const {
-  check_uneven(input, input_splits, output_splits);
-  if (!progress_) return run_all_to_all_v(input, input_splits, output_splits);
-  auto result = progress_->run(
-      [&] {
-        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
-        return ExchangeResult{std::move(out), std::move(splits)};
-      },
-      label("all_to_all_v"));
-  return {std::move(result.output), std::move(result.splits)};
-}
-
-std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const {
-  check_equal(input);
-  ProgressThread& progress = require_progress("all_to_all(async_op=True)");
-  // The task holds the input; the owner's destructor drains the queue
-  // before this exchanger goes away, so `this` outlives the task.
-  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all"));
-}
-
-std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
-                                                    const std::optional<std::vector<int64_t>>& output_splits) const {
-  check_uneven(input, input_splits, output_splits);
-  ProgressThread& progress = require_progress("all_to_all_v(async_op=True)");
-  return progress.submit(
-      [this, input, input_splits, output_splits] {
-        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
-        return ExchangeResult{std::move(out), std::move(splits)};
-      },
-      label("all_to_all_v"));
-}
-
-std::string Exchanger::label(const char* what) const {
-  return std::string("alltoall::") + what + " (" + plan::to_string(plan_.algorithm) + ")";
-}
-
-at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
-  const at::Tensor source = input.contiguous();
+at::Tensor Exchanger::run_equal(const at::Tensor& source, const at::Tensor& out) const {
   at::Tensor buffer = as_byte_rows(source);
-  const Sizes sizes(plan_.num_blocks, input.size(0) / plan_.num_blocks);
+  const Sizes sizes(plan_.num_blocks, source.size(0) / plan_.num_blocks);
+  const bool into_out = out.defined() && plan_.post_permutation.empty();
   for (size_t i = 0; i < plan_.phases.size(); ++i) {
     const auto& phase = plan_.phases[i];
     if (!phase.pre_permutation.empty()) buffer = reorder_blocks(buffer, sizes, phase.pre_permutation);
-    at::Tensor received = at::empty_like(buffer);
+    const bool last = i + 1 == plan_.phases.size();
+    at::Tensor received = last && into_out ? out : at::empty_like(buffer);
     transports_[i]->all_to_all(received, buffer, {}, {}, step_name(i, "all_to_all"));
+    count(i, buffer.numel() - buffer.numel() / transports_[i]->size());
     buffer = std::move(received);
   }
   if (!plan_.post_permutation.empty()) buffer = reorder_blocks(buffer, sizes, plan_.post_permutation);
-  if (plan_.phases.empty()) buffer = buffer.clone();  // a group of one still returns a new tensor
-  return from_byte_rows(buffer, source, input.size(0));
+  return buffer;
 }
 
-std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
-    const at::Tensor& input, const std::vector<int64_t>& input_splits,
-    const std::optional<std::vector<int64_t>>& output_splits) const {
-  const at::Tensor source = input.contiguous();
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& source, const Sizes& input_splits,
+                                                             const std::optional<Sizes>& output_splits,
+                                                             const at::Tensor& out) const {
   at::Tensor buffer = as_byte_rows(source);
   Sizes sizes = input_splits;
+  const bool into_out = out.defined() && plan_.post_permutation.empty();
   for (size_t i = 0; i < plan_.phases.size(); ++i) {
     const auto& phase = plan_.phases[i];
     if (!phase.pre_permutation.empty()) {
@@ -189,8 +182,9 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
     }
     const Sizes send = sum_per_peer(sizes, phase.blocks_per_peer);
     const Sizes recv = sum_per_peer(received_sizes, phase.blocks_per_peer);
-    at::Tensor received = at::empty({total(recv), buffer.size(1)}, buffer.options());
+    at::Tensor received = last && into_out ? out : at::empty({total(recv), buffer.size(1)}, buffer.options());
     transports_[i]->all_to_all(received, buffer, recv, send, step_name(i, "all_to_all_v"));
+    count(i, (total(send) - send[phase.index_in_group]) * buffer.size(1));
     buffer = std::move(received);
     sizes = std::move(received_sizes);
   }
@@ -198,15 +192,113 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
     buffer = reorder_blocks(buffer, sizes, plan_.post_permutation);
     sizes = permuted(sizes, plan_.post_permutation);
   }
-  if (plan_.phases.empty()) {
-    if (output_splits) {
-      TORCH_CHECK_VALUE(*output_splits == sizes, "all_to_all_v: output_splits [", (*output_splits)[0],
-                        "] do not match input_splits [", sizes[0], "] in a group of one rank");
-    }
-    buffer = buffer.clone();
+  if (plan_.phases.empty() && output_splits) {
+    TORCH_CHECK_VALUE(*output_splits == sizes, "all_to_all_v: output_splits [", (*output_splits)[0],
+                      "] do not match input_splits [", sizes[0], "] in a group of one rank");
   }
+  return {std::move(buffer), std::move(sizes)};
+}
+
+namespace {
+
+// Receiving straight into `output` needs its bytes in row order and apart
+// from the input's (in-place calls must not overwrite what is still sent).
+bool can_receive_into(const at::Tensor& output, const at::Tensor& source) {
+  return output.is_contiguous() && !output.is_alias_of(source);
+}
+
+void finish_into(at::Tensor& output, const at::Tensor& out_bytes, const at::Tensor& result, const at::Tensor& source,
+                 int64_t rows) {
+  if (out_bytes.defined()) {
+    if (!result.is_same(out_bytes) && result.numel() > 0) out_bytes.copy_(result);
+  } else {
+    output.copy_(from_byte_rows(result, source, rows));
+  }
+}
+
+}  // namespace
+
+at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
+  const at::Tensor source = input.contiguous();
+  at::Tensor buffer = run_equal(source, at::Tensor());
+  if (plan_.phases.empty()) buffer = buffer.clone();  // a group of one still returns a new tensor
+  return from_byte_rows(buffer, source, input.size(0));
+}
+
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
+    const at::Tensor& input, const std::vector<int64_t>& input_splits,
+    const std::optional<std::vector<int64_t>>& output_splits) const {
+  const at::Tensor source = input.contiguous();
+  auto [buffer, sizes] = run_v(source, input_splits, output_splits, at::Tensor());
+  if (plan_.phases.empty()) buffer = buffer.clone();
   const int64_t rows = total(sizes);
   return {from_byte_rows(buffer, source, rows), sizes};
+}
+
+at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
+  check_equal(input);
+  return in_order([&] { return ExchangeResult{run_all_to_all(input), {}}; }, "all_to_all").output;
+}
+
+void Exchanger::all_to_all_into(const at::Tensor& input, at::Tensor& output) const {
+  check_equal(input);
+  check_output("all_to_all", output, input, input.size(0));
+  in_order(
+      [&] {
+        const at::Tensor source = input.contiguous();
+        const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
+        finish_into(output, out_bytes, run_equal(source, out_bytes), source, input.size(0));
+        return ExchangeResult{};
+      },
+      "all_to_all");
+}
+
+std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
+    const at::Tensor& input, const std::vector<int64_t>& input_splits,
+    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  auto result = in_order(
+      [&] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      "all_to_all_v");
+  return {std::move(result.output), std::move(result.splits)};
+}
+
+void Exchanger::all_to_all_v_into(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                  const std::vector<int64_t>& output_splits, at::Tensor& output) const {
+  check_uneven(input, input_splits, output_splits);
+  check_output("all_to_all_v", output, input, total(output_splits));
+  in_order(
+      [&] {
+        const at::Tensor source = input.contiguous();
+        const at::Tensor out_bytes = can_receive_into(output, source) ? as_byte_rows(output) : at::Tensor();
+        auto result = run_v(source, input_splits, output_splits, out_bytes);
+        finish_into(output, out_bytes, result.first, source, total(output_splits));
+        return ExchangeResult{};
+      },
+      "all_to_all_v");
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const {
+  check_equal(input);
+  ProgressThread& progress = require_progress("all_to_all(async_op=True)");
+  // The task holds the input; the owner's destructor drains the queue
+  // before this exchanger goes away, so `this` outlives the task.
+  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all"));
+}
+
+std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                                                    const std::optional<std::vector<int64_t>>& output_splits) const {
+  check_uneven(input, input_splits, output_splits);
+  ProgressThread& progress = require_progress("all_to_all_v(async_op=True)");
+  return progress.submit(
+      [this, input, input_splits, output_splits] {
+        auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
+        return ExchangeResult{std::move(out), std::move(splits)};
+      },
+      label("all_to_all_v"));
 }
 
 }  // namespace alltoall::ops

@@ -5,8 +5,12 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -15,6 +19,14 @@
 #include "transport/transport.h"
 
 namespace alltoall::ops {
+
+// What one phase of an Exchanger has carried since it was built: data calls
+// (count exchanges excluded) and the payload bytes this rank sent to other
+// ranks (its block to itself excluded).
+struct PhaseTraffic {
+  uint64_t calls = 0;
+  uint64_t bytes = 0;
+};
 
 class Exchanger {
  public:
@@ -32,11 +44,21 @@ class Exchanger {
   // group rank d. Returns what all_to_all_single returns: block s from rank s.
   at::Tensor all_to_all(const at::Tensor& input) const;
 
+  // The same into `output` (the input's dtype and shape). The last phase
+  // receives straight into it when it is contiguous, does not overlap the
+  // input and no reorder follows; otherwise the result is copied in.
+  void all_to_all_into(const at::Tensor& input, at::Tensor& output) const;
+
   // Uneven splits in rows of dim 0. When output_splits is not given, the
   // counts are exchanged with the data. Returns the output and its splits.
   std::pair<at::Tensor, std::vector<int64_t>> all_to_all_v(
       const at::Tensor& input, const std::vector<int64_t>& input_splits,
       const std::optional<std::vector<int64_t>>& output_splits) const;
+
+  // The same into `output` ([sum(output_splits), *], the input's dtype and
+  // trailing shape), under the same conditions as all_to_all_into.
+  void all_to_all_v_into(const at::Tensor& input, const std::vector<int64_t>& input_splits,
+                         const std::vector<int64_t>& output_splits, at::Tensor& output) const;
 
   // The same exchanges, queued on the progress thread. The input must not
   // be modified until the work completes.
@@ -45,14 +67,24 @@ class Exchanger {
                                            const std::optional<std::vector<int64_t>>& output_splits) const;
 
   const plan::ExchangePlan& plan() const { return plan_; }
+  const std::vector<std::shared_ptr<transport::Transport>>& transports() const { return transports_; }
   const std::shared_ptr<ProgressThread>& progress() const { return progress_; }
+  std::vector<PhaseTraffic> traffic() const;
 
  private:
+  struct Counter {
+    std::atomic<uint64_t> calls{0};
+    std::atomic<uint64_t> bytes{0};
+  };
+
   // The exchanges themselves, on whatever thread calls them.
   at::Tensor run_all_to_all(const at::Tensor& input) const;
   std::pair<at::Tensor, std::vector<int64_t>> run_all_to_all_v(
       const at::Tensor& input, const std::vector<int64_t>& input_splits,
       const std::optional<std::vector<int64_t>>& output_splits) const;
+  // Runs `task` in issue order with the owner's other calls (inline when
+  // there is no progress thread).
+  ExchangeResult in_order(const std::function<ExchangeResult()>& task, const char* what) const;
   void check_equal(const at::Tensor& input) const;
   void check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
                     const std::optional<std::vector<int64_t>>& output_splits) const;
@@ -60,9 +92,16 @@ class Exchanger {
   std::string label(const char* what) const;
 
   std::string step_name(size_t phase, const char* what) const;
+  // Both variants; `out` is the destination's byte rows, or undefined.
+  at::Tensor run_equal(const at::Tensor& source, const at::Tensor& out) const;
+  std::pair<at::Tensor, std::vector<int64_t>> run_v(const at::Tensor& source, const std::vector<int64_t>& input_splits,
+                                                    const std::optional<std::vector<int64_t>>& output_splits,
+                                                    const at::Tensor& out) const;
+  void count(size_t phase, int64_t bytes_to_others) const;
 
   plan::ExchangePlan plan_;
   std::vector<std::shared_ptr<transport::Transport>> transports_;
+  std::unique_ptr<Counter[]> counters_;
   std::shared_ptr<ProgressThread> progress_;
 };
 

@@ -1,5 +1,6 @@
 #include "transport/c10d_transport.h"
 
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
@@ -16,14 +17,22 @@ class C10dTransport final : public Transport {
   C10dTransport(std::string group_name, std::vector<int> global_ranks, std::chrono::milliseconds timeout)
       : name_(std::move(group_name)), ranks_(std::move(global_ranks)), timeout_(timeout) {
     group_ = c10d::resolve_process_group(name_);
-    is_gloo_ = group_->getBackendName() == "gloo";
-    TORCH_CHECK_VALUE(group_->getSize() == static_cast<int>(ranks_.size()), "process group '", name_, "' has ",
-                      group_->getSize(), " ranks but ", ranks_.size(), " were given");
+    backend_name_ = group_->getBackendName();
+    check_size(group_->getSize());
   }
 
-  int size() const override { return group_->getSize(); }
-  int rank() const override { return group_->getRank(); }
-  std::string kind() const override { return "c10d:" + group_->getBackendName(); }
+  // Over a bare Backend: the same waits and errors, without a registered group.
+  C10dTransport(c10::intrusive_ptr<c10d::Backend> backend, std::string name, std::vector<int> global_ranks,
+                std::chrono::milliseconds timeout)
+      : name_(std::move(name)), ranks_(std::move(global_ranks)), timeout_(timeout), backend_(std::move(backend)) {
+    TORCH_CHECK_VALUE(backend_, "no backend given for group '", name_, "'");
+    backend_name_ = backend_->getBackendName();
+    check_size(backend_->getSize());
+  }
+
+  int size() const override { return group_ ? group_->getSize() : backend_->getSize(); }
+  int rank() const override { return group_ ? group_->getRank() : backend_->getRank(); }
+  std::string kind() const override { return "c10d:" + backend_name_; }
 
   void all_to_all(at::Tensor& output, at::Tensor& input, const std::vector<int64_t>& output_splits,
                   const std::vector<int64_t>& input_splits, const std::string& what) override {
@@ -31,13 +40,19 @@ class C10dTransport final : public Transport {
     options.timeout = timeout_;
     std::vector<int64_t> out_splits = output_splits;
     std::vector<int64_t> in_splits = input_splits;
-    run(what, input.device(), [&] { return group_->all_to_all_single(output, input, out_splits, in_splits, options); });
+    run(what, input.device(), [&] {
+      return group_ ? group_->all_to_all_single(output, input, out_splits, in_splits, options)
+                    : backend_->alltoall_base(output, input, out_splits, in_splits, options);
+    });
   }
 
   void all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) override {
     c10d::AllgatherOptions options;
     options.timeout = timeout_;
-    run(what, input.device(), [&] { return group_->all_gather_single(output, input, options); });
+    run(what, input.device(), [&] {
+      return group_ ? group_->all_gather_single(output, input, options)
+                    : backend_->_allgather_base(output, input, options);
+    });
   }
 
   // Issues one collective and waits for it, turning any failure into an
@@ -79,7 +94,8 @@ class C10dTransport final : public Transport {
   // other backend completes on the host and is waited for with a bound.
   // Decided per call: a group with "cpu:gloo,cuda:nccl" uses either.
   bool waits_on_stream(const at::Device& device) const {
-    return device.is_cuda() && group_->getBackend(device.type())->getBackendName() == "nccl";
+    if (!device.is_cuda()) return false;
+    return (group_ ? group_->getBackend(device.type())->getBackendName() : backend_name_) == "nccl";
   }
 
   // Rethrows as the class of the original error (Python keeps seeing
@@ -106,7 +122,7 @@ class C10dTransport final : public Transport {
   // something else keeps the work alive (torch can register it with its
   // output tensor), the call must not stall.
   void release_here(c10::intrusive_ptr<c10d::Work> work) const {
-    if (!is_gloo_) return;
+    if (backend_name_ != "gloo") return;
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
     while (work.use_count() > 1 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
   }
@@ -117,16 +133,23 @@ class C10dTransport final : public Transport {
     const size_t shown = std::min<size_t>(ranks_.size(), 16);
     for (size_t i = 0; i < shown; ++i) out << (i ? ", " : "") << ranks_[i];
     if (shown < ranks_.size()) out << ", ... " << ranks_.size() << " in all";
-    out << "], this rank is " << group_->getRank() << " of " << group_->getSize() << ")";
+    out << "], this rank is " << rank() << " of " << size() << ")";
     return out.str();
   }
 
  private:
+  void check_size(int size) const {
+    TORCH_CHECK_VALUE(size == static_cast<int>(ranks_.size()), "process group '", name_, "' has ", size,
+                      " ranks but ", ranks_.size(), " were given");
+  }
+
   std::string name_;
   std::vector<int> ranks_;
   std::chrono::milliseconds timeout_;
+  // Exactly one of the two is set.
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
-  bool is_gloo_ = false;
+  c10::intrusive_ptr<c10d::Backend> backend_;
+  std::string backend_name_;
 };
 
 }  // namespace
@@ -134,6 +157,11 @@ class C10dTransport final : public Transport {
 std::shared_ptr<Transport> make_c10d_transport(const std::string& group_name, std::vector<int> global_ranks,
                                                std::chrono::milliseconds timeout) {
   return std::make_shared<C10dTransport>(group_name, std::move(global_ranks), timeout);
+}
+
+std::shared_ptr<Transport> make_backend_transport(c10::intrusive_ptr<c10d::Backend> backend, const std::string& name,
+                                                  std::vector<int> global_ranks, std::chrono::milliseconds timeout) {
+  return std::make_shared<C10dTransport>(std::move(backend), name, std::move(global_ranks), timeout);
 }
 
 }  // namespace alltoall::transport

@@ -1,11 +1,17 @@
 #pragma once
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "transport/transport.h"
+
+namespace c10d {
+class Backend;
+}  // namespace c10d
 
 namespace alltoall::transport {
 
@@ -14,5 +20,12 @@ namespace alltoall::transport {
 // Every wait is bounded by `timeout`.
 std::shared_ptr<Transport> make_c10d_transport(const std::string& group_name, std::vector<int> global_ranks,
                                                std::chrono::milliseconds timeout);
+
+// The same over a c10d Backend that no ProcessGroup holds: the inner backends
+// of the "alltoall" torch.distributed backend, which must not go through a
+// registered group (that would call the alltoall backend itself). `name`
+// names the group in messages.
+std::shared_ptr<Transport> make_backend_transport(c10::intrusive_ptr<c10d::Backend> backend, const std::string& name,
+                                                  std::vector<int> global_ranks, std::chrono::milliseconds timeout);
 
 }  // namespace alltoall::transport

@@ -65,6 +65,19 @@ def validate(document: dict) -> None:
     jsonschema.validate(document, json.loads(SCHEMA.read_text()), cls=jsonschema.Draft202012Validator)
 
 
+def test_torch_through_the_alltoall_backend(tmp_path):
+    """--backend alltoall: the torch baseline is dist.all_to_all_single on an
+    "alltoall" default group, timed against the Communicator's "auto"."""
+    result = run_cli(bench("--nprocs", "4", "--local-size", "2", "--backend", "alltoall", "--algorithms",
+                           "torch,auto", *TINY), env={"ALLTOALL_ALGORITHM": "hierarchical", "ALLTOALL_LOG": "1"})
+    assert_all_correct(result, {"torch", "auto"}, sizes=2)
+    assert "backend alltoall" in result.stdout
+    # The default group's log: the backend's nodes are the bench's emulated ones.
+    assert "alltoall backend: group '0', 4 ranks" in result.stderr
+    assert "2 node(s) x 2 rank(s), emulated" in result.stderr
+    assert "hierarchical [intra_node: shm, inter_node: shm]" in result.stderr
+
+
 def test_self_launched_with_every_output(tmp_path):
     out = {k: tmp_path / f"r.{k}" for k in ("json", "csv", "png", "txt")}
     result = run_cli([str(BIN / "alltoall-bench"), "--nprocs", "4", "--local-size", "2", *TINY,

@@ -54,13 +54,13 @@ def _worker(rank: int, world_size: int, jobs: mp.Queue, results: mp.Queue, paren
         job = jobs.get()
         if job is None:
             return
-        job_id, fn, args, kwargs, store_path, env, sys_path, timeout_s = job
+        job_id, fn, args, kwargs, store_path, env, sys_path, timeout_s, backend = job
         sys.path[:] = sys_path
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             store = dist.FileStore(store_path, world_size)
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout_s))
             value = fn(*args, **kwargs)
             results.put((job_id, rank, True, value))
@@ -106,18 +106,20 @@ class WorldPool:
         env: dict[str, str] | None = None,
         deadline_s: float = RUN_DEADLINE_S,
         collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        backend: str = "gloo",
         **kwargs: Any,
     ) -> list[Any]:
         """Runs ``fn(*args, **kwargs)`` on every rank inside a fresh default
-        group and returns the rank-ordered results. ``fn`` must be importable
-        (a module-level function)."""
+        group of ``backend`` and returns the rank-ordered results. ``fn`` must
+        be importable (a module-level function); "alltoall" needs its module
+        to import alltoall. ``env`` is set before the group is created."""
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
         job_id = self._next_job
         self._next_job += 1
         store_path = os.path.join(self._tmp, f"store-{job_id}")
-        job = (job_id, fn, args, kwargs, store_path, dict(env or {}), list(sys.path), collective_timeout_s)
+        job = (job_id, fn, args, kwargs, store_path, dict(env or {}), list(sys.path), collective_timeout_s, backend)
         for q in self._jobs:
             q.put(job)
         values: dict[int, Any] = {}

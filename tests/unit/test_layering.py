@@ -20,6 +20,7 @@ PY_LAYERS = {
     "transport": 3,
     "launch": 3,  # bootstrap: uses the transport's timeout only
     "ops": 4,
+    "backend": 4,  # the "alltoall" torch.distributed backend, over ops' selection rule
     "moe": 5,
     "cli": 5,
     "bench": 5,  # python -m alltoall.bench
@@ -33,7 +34,8 @@ CPP_ALLOWED = {
     "kernels": {"common", "kernels"},
     "transport": {"transport"},
     "ops": {"common", "kernels", "plan", "transport", "ops"},
-    "bindings": {"common", "kernels", "plan", "transport", "ops", "bindings"},
+    "backend": {"common", "kernels", "plan", "transport", "ops", "backend"},
+    "bindings": {"common", "kernels", "plan", "transport", "ops", "backend", "bindings"},
 }
 
 
