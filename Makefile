@@ -23,7 +23,7 @@ $(BUILT): $(BIN)/python $(SOURCES)
 install: $(BUILT)
 
 test: $(BUILT)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # The default sweep: 8 local ranks as 2 emulated nodes of 4 (TP groups of 2 for
 # "coordinated"), every available
