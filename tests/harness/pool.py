@@ -44,6 +44,18 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _all_joined(store: Any, world_size: int, timeout_s: float) -> None:
+    """Waits until every rank has finished creating the group. Gloo's
+    connectFullMesh returns on one side of a pair before the other side has
+    finished its handshake, and torch no longer runs a barrier at the end of
+    init_process_group: a body that does not communicate could otherwise
+    destroy the group under a peer that is still connecting ("Connection
+    closed by peer")."""
+    if store.add("pool/joined", 1) == world_size:
+        store.set("pool/all-joined", b"1")
+    store.wait(["pool/all-joined"], timedelta(seconds=timeout_s))
+
+
 def _worker(rank: int, world_size: int, jobs: mp.Queue, results: mp.Queue, parent_pid: int) -> None:
     _die_with(parent_pid)
     import torch
@@ -62,6 +74,7 @@ def _worker(rank: int, world_size: int, jobs: mp.Queue, results: mp.Queue, paren
             store = dist.FileStore(store_path, world_size)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=timeout_s))
+            _all_joined(store, world_size, timeout_s)
             value = fn(*args, **kwargs)
             results.put((job_id, rank, True, value))
         except BaseException:
