@@ -5,6 +5,7 @@
 
 #include <limits>
 #include <numeric>
+#include <ostream>
 #include <sstream>
 
 #include "backend/completed_work.h"
@@ -26,8 +27,20 @@ at::Tensor flat_bytes(const at::Tensor& t) {
   return flat.scalar_type() == at::kByte ? flat : flat.view(at::kByte);
 }
 
+// The context of an error message: "<backend>: <op>". Streamed only when a
+// check fails, because TORCH_CHECK formats its message lazily: building it
+// on every call cost about a microsecond of each small exchange.
+struct Where {
+  const AlltoallBackend& backend;
+  const char* op;
+};
+
+std::ostream& operator<<(std::ostream& out, const Where& where) {
+  return out << where.backend.describe() << ": " << where.op;
+}
+
 // Split sizes as alltoall_base defines them: empty means equal shares of dim 0.
-Sizes splits_or_equal(const Sizes& splits, int64_t rows, int size, const char* name, const std::string& where) {
+Sizes splits_or_equal(const Sizes& splits, int64_t rows, int size, const char* name, const Where& where) {
   if (!splits.empty()) {
     TORCH_CHECK_VALUE(static_cast<int>(splits.size()) == size, where, ": ", name, " has ", splits.size(),
                       " entries but the group has ", size, " ranks");
@@ -140,7 +153,7 @@ c10::intrusive_ptr<c10d::Work> AlltoallBackend::alltoall_base(at::Tensor& output
                                                               std::vector<int64_t>& input_splits,
                                                               const c10d::AllToAllOptions& /*opts*/) {
   // Argument errors are raised here, before any communication, like gloo's.
-  const std::string where = describe() + ": all_to_all_single";
+  const Where where{*this, "all_to_all_single"};
   DeviceSide& side = side_for(input.device().type(), "all_to_all_single");
   TORCH_CHECK_VALUE(input.dim() >= 1 && output.dim() >= 1, where, ": input and output need at least one dimension");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type() && output.device() == input.device(), where,
@@ -173,7 +186,7 @@ c10::intrusive_ptr<c10d::Work> AlltoallBackend::alltoall(std::vector<at::Tensor>
                                                          const c10d::AllToAllOptions& /*opts*/) {
   // Tensor lists travel as bytes: tensor j of the input is block j of one
   // uneven exchange, and block s of the result fills output tensor s.
-  const std::string where = describe() + ": all_to_all";
+  const Where where{*this, "all_to_all"};
   TORCH_CHECK_VALUE(static_cast<int>(inputs.size()) == size_ && static_cast<int>(outputs.size()) == size_, where,
                     ": ", inputs.size(), " input and ", outputs.size(), " output tensors for a group of ", size_);
   DeviceSide& side = side_for(inputs, "all_to_all");
