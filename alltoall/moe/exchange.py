@@ -28,6 +28,9 @@ from the counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch.profiler import record_function
 
@@ -60,6 +63,16 @@ def transpose_blocks(x: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
     """Rows stored as blocks ``counts[a][b]`` in (a, b) order, returned in
     (b, a) order. Differentiable."""
     return _GatherBlocks.apply(x, *transposed(counts))
+
+
+@dataclass(frozen=True)
+class ExpertStep:
+    """One forward's way through the experts: dispatch into ``routing``'s
+    buffer order, ``run`` it (``[R, M]`` -> ``[R, M]``, differentiable),
+    combine with the same ``routing``."""
+
+    routing: Routing
+    run: Callable[[torch.Tensor], torch.Tensor]
 
 
 class ExpertExchange:
@@ -130,11 +143,21 @@ class ExpertExchange:
 
     # The flow ---------------------------------------------------------------
 
-    def run(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
-        """The dispatch buffer ``[R, M]`` through the owning experts; returns
-        the experts' outputs in the same ``[R, M]`` layout."""
+    def step(self, routing: Routing, experts: LocalExperts) -> ExpertStep:
+        """How this forward's dispatch buffer goes through the owning
+        experts. Sequential (N = 1): in ``routing``'s own order. Pipelined:
+        in the pipeline's chunk-major order (``Pipeline.chunk_major``), so its
+        chunks are slices of the buffer; dropless, the per-expert counts are
+        exchanged here, before the dispatch."""
         if self.overlap_degree > 1:
-            return self._run_pipelined(rows, routing, experts)
+            pipe = self._pipeline(routing, experts)
+            return ExpertStep(pipe.chunk_major(routing), pipe.forward)
+        return ExpertStep(routing, lambda rows: self.run(rows, routing, experts))
+
+    def run(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+        """The dispatch buffer ``[R, M]`` through the owning experts, one
+        exchange each way; returns the experts' outputs in the same
+        ``[R, M]`` layout."""
         if self.groups is not None:
             return self._run_coordinated(rows, routing, experts)
         if routing.capacity is None:
@@ -148,16 +171,15 @@ class ExpertExchange:
             return counts_matrix(routing.counts.tolist(), self.ep)
         return counts_matrix(self.comm.all_to_all(routing.counts, self.algorithm).tolist(), self.ep)
 
-    def _run_pipelined(self, rows: torch.Tensor, routing: Routing, experts: LocalExperts) -> torch.Tensor:
+    def _pipeline(self, routing: Routing, experts: LocalExperts) -> Pipeline:
         if routing.capacity is None:
             sent = counts_matrix(routing.counts.tolist(), self.ep)
             received = self._received_counts(routing)
         else:
             sent = received = [[routing.capacity] * self.num_local for _ in range(self.ep)]
         comm = self.comm if self.groups is not None or self.ep > 1 else None
-        pipe = Pipeline(comm, self.groups, self.algorithm, sent, received, routing.capacity is not None,
+        return Pipeline(comm, self.groups, self.algorithm, sent, received, routing.capacity is not None,
                         self.overlap_degree, experts)
-        return pipe.forward(rows)
 
     def _run_padded(self, rows: torch.Tensor, capacity: int, experts: LocalExperts) -> torch.Tensor:
         ep, local, width = self.ep, self.num_local, rows.shape[1]

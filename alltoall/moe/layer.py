@@ -175,9 +175,10 @@ class MoE(nn.Module):
         if self.drop_tokens and self.check_tokens:
             self.exchange.check_equal_tokens(tokens.shape[0], tokens.device)
         gate = self.gate(tokens, self.capacity(tokens.shape[0]))
-        rows = dispatch(tokens, gate.routing)
-        rows = self.exchange.run(rows, gate.routing, self.experts)
-        out = combine(rows, gate.routing, gate.weights.to(rows.dtype))
+        step = self.exchange.step(gate.routing, self.experts)
+        rows = dispatch(tokens, step.routing)
+        rows = step.run(rows)
+        out = combine(rows, step.routing, gate.weights.to(rows.dtype))
         if self.use_residual:
             mix = torch.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
