@@ -55,14 +55,18 @@ from alltoall.launch import init_distributed
 from alltoall.moe.experts import FeedForward
 
 NUM_EXPERTS, K, CAPACITY_FACTOR, MIN_CAPACITY = 16, 2, 1.0, 4
-# Issue 12's benchmark shape, chosen by estimate (traffic()), not by a
-# measurement: on 2 emulated hosts x 4 ranks with 1 Gbit/s links one
-# exchange puts 16 * S * M bytes per direction on a host's link (2.1 MB,
-# ~17 ms at 125 MB/s for S=256, M=512), ~67 ms for the 4 exchanges of a
-# step; the experts' forward + backward is 0.8 GFLOP per rank, 6.4 GFLOP on
-# the 2 shared cores, ~65 ms at 50 GFLOP/s per core. 256 rows per expert
-# also leave 64-row chunks at N=4.
-ACCEPTANCE_SHAPE = "256x512x256"
+# Issue 12's benchmark shape. On 2 emulated hosts x 4 ranks with 1 Gbit/s
+# links one exchange puts 16 * S * M bytes per direction on a host's link
+# (8.4 MB, ~67 ms at 125 MB/s for S=1024, M=512), ~270 ms for the 4
+# exchanges of a step; the experts' forward + backward is 3.2 GFLOP per
+# rank. The first choice, 256x512x256, was picked by estimate and measured
+# an exchange share of only 29-36%: gloo's fixed cost per call (several ms
+# with 8 ranks on 2 cores) was a large part of the exchange and does not
+# overlap, since it is CPU time. At 1024x512x256 quick runs (2026-12-01,
+# --steps 3 --rounds 2-3) measured a share of 50-57% at N=1 (hierarchical),
+# i.e. exchange and experts comparable; 128 rows per expert leave 32-row
+# chunks at N=4.
+ACCEPTANCE_SHAPE = "1024x512x256"
 DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
 
