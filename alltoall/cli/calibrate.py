@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 import alltoall
 from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
+from alltoall.cli.calibrate_refine import PlanSample, Refinement, refine
 from alltoall.plan import Profile
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
@@ -181,12 +182,42 @@ def _copy_samples(world: int) -> list[Sample]:
     return samples
 
 
+def _plan_samples(topology: Topology, timeout) -> list[PlanSample]:
+    """The plans "auto" chooses between, timed whole on the world: flat, and
+    hierarchical where the nodes allow it, on every transport the
+    Communicator offers here (each distinct set of phase links once)."""
+    algorithms = ("flat", "hierarchical") if topology.uniform and topology.num_nodes > 1 else ("flat",)
+    samples: list[PlanSample] = []
+    seen: set[tuple[tuple[str, ...], ...]] = set()
+    for transport in TRANSPORTS:
+        kwargs = {} if transport == "default" else {"transport": transport}
+        try:
+            comm = alltoall.Communicator(None, topology=topology, timeout=timeout, **kwargs)
+        except (TypeError, ValueError):  # not on this world (the same answer on every rank)
+            continue
+        links = tuple(tuple(comm.links(a)) for a in algorithms)
+        if links in seen:
+            continue
+        seen.add(links)
+        for algorithm, phase_links in zip(algorithms, links, strict=True):
+            for nbytes in SIZES:
+                elements = max(comm.size, nbytes // 4 // comm.size * comm.size)
+                x = torch.zeros(elements, dtype=torch.float32)
+                t = _slowest_mean_us(lambda c=comm, x=x, a=algorithm: c.all_to_all(x, a), nbytes, None)
+                samples.append(PlanSample(algorithm, tuple(topology.node_of_rank), topology.rank, phase_links,
+                                          float(elements * 4), not topology.emulated, t))
+        del comm
+    return samples
+
+
 @dataclass
 class Calibration:
     profile: Profile
     fit: Fit
     samples: list[Sample]
     seconds: float
+    refinement: Refinement | None = None
+    plan_samples: list[PlanSample] | None = None
 
 
 def calibrate(topology: Topology, timeout) -> Calibration:
@@ -232,15 +263,19 @@ def calibrate(topology: Topology, timeout) -> Calibration:
     for run in slots:  # release the Communicators before their groups go
         if run is not None:
             run.comm = None
-    profile = Profile(
+    first = Profile(
         links={link: r.cost for link, r in fit.links.items() if link != COPY}, copy=fit.links[COPY].cost,
         intra_node=intra, inter_node=inter,
         name="calibrated", description=f"alltoall-bench --calibrate on {size} ranks, {topology.describe()}",
         sources=(f"alltoall {alltoall.__version__} --calibrate: flat exchanges on the world, the node groups "
-                 f"and the rail groups, {len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
+                 f"and the rail groups, then the flat and hierarchical plans on the world (calibrate_refine), "
+                 f"{len(SIZES)} sizes from {SIZES[0]} to {SIZES[-1]} B per rank",),
         fit={link: r.to_json() for link, r in fit.links.items()},
     )
-    return Calibration(profile, fit, samples, time.perf_counter() - start)
+    plan_samples = _plan_samples(topology, timeout)
+    refinement = refine(first, plan_samples)
+    profile = replace(refinement.profile, fit={**(first.fit or {}), "plans": refinement.to_json()})
+    return Calibration(profile, fit, samples, time.perf_counter() - start, refinement, plan_samples)
 
 
 def report_lines(cal: Calibration) -> list[str]:
@@ -255,6 +290,18 @@ def report_lines(cal: Calibration) -> list[str]:
                  else f"{'-':>15} {'-':>11}")
         lines.append(f"# {link:<8} {c.phase_us:>11.1f} {c.alpha_us:>11.2f} {c.gbps:>9.3f} {large} {r.samples:>8d} "
                      f"{r.max_error:>7.1%} {r.mean_error:>9.1%}")
+    if cal.refinement is not None and cal.plan_samples:
+        r = cal.refinement
+        lines.append(f"# refitted on {r.samples} exchanges of whole plans: max err {r.max_error:.1%}, mean err "
+                     f"{r.mean_error:.1%}" + (f", tcp large from {r.tcp_threshold} B" if r.tcp_threshold else ""))
+        for link, c in [*cal.profile.links.items(), ("copy", cal.profile.copy)]:
+            large = (f"{c.large_bytes:>15d} {c.large_gbps:>11.3f}" if c.large_gbps is not None
+                     else f"{'-':>15} {'-':>11}")
+            lines.append(f"# {link:<8} {c.phase_us:>11.1f} {c.alpha_us:>11.2f} {c.gbps:>9.3f} {large}")
+        lines.append(f"# {'plan':<13} {'links':<12} {'bytes':>10} {'measured (us)':>14} {'predicted (us)':>15}")
+        for s in cal.plan_samples:
+            lines.append(f"# {s.algorithm:<13} {','.join(s.links):<12} {s.bytes_per_rank:>10.0f} {s.time_us:>14.1f} "
+                         f"{s.predict_us(cal.profile):>15.1f}")
     lines.append(f"# intra-node class {cal.profile.intra_node}, inter-node class {cal.profile.inter_node}, "
                  f"hash {cal.profile.hash}")
     lines.append(f"# {'class':<8} {'bytes':>10} {'messages':>9} {'message (B)':>12} {'measured (us)':>14} "
