@@ -52,6 +52,10 @@ from alltoall.transport.shm import ShmOptions
 
 SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
 COPY_SIZES = tuple(1024 * 2**i for i in range(15))  # 1 KiB .. 16 MiB: copies are cheap to time
+# The whole plans, which the final fit rests on, get this many times the
+# calls of a size: with 8 ranks on 2 cores a mean over 30 calls of a small
+# exchange still scatters by up to 50% between neighbouring sizes.
+PLAN_REPEAT = 3
 # Transports tried on every group, in order; "default" is what "auto" runs on.
 TRANSPORTS = ("default", "shm", "c10d")
 
@@ -151,13 +155,15 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
     return runs
 
 
-def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None) -> float:
+def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None,
+                     repeat: int = 1) -> float:
     """The slowest rank's mean microseconds per call, after the warm-up
     calls: the statistic the bench reports, so that predictions and the
     bench's times mean the same thing. (Tried in loaded runs on one host:
     the median predicted below the bench's means; each call's slowest rank,
     averaged, far above them, as ranks reach a call at different times.)"""
     warmup, timed = _calls(size)
+    timed *= repeat
     for _ in range(warmup):
         call()
     dist.barrier(group=group)
@@ -203,7 +209,8 @@ def _plan_samples(topology: Topology, timeout) -> list[PlanSample]:
             for nbytes in SIZES:
                 elements = max(comm.size, nbytes // 4 // comm.size * comm.size)
                 x = torch.zeros(elements, dtype=torch.float32)
-                t = _slowest_mean_us(lambda c=comm, x=x, a=algorithm: c.all_to_all(x, a), nbytes, None)
+                t = _slowest_mean_us(lambda c=comm, x=x, a=algorithm: c.all_to_all(x, a), nbytes, None,
+                                     PLAN_REPEAT)
                 samples.append(PlanSample(algorithm, tuple(topology.node_of_rank), topology.rank, phase_links,
                                           float(elements * 4), not topology.emulated, t))
         del comm
