@@ -104,7 +104,7 @@ def _time_calls(call: Callable[[], object], count: int, device: torch.device) ->
     return (time.perf_counter() - start) / max(count, 1)
 
 
-def _round_sizes(iterations: int, rounds: int) -> list[int]:
+def round_sizes(iterations: int, rounds: int) -> list[int]:
     """``iterations`` split into ``rounds`` near-equal parts (none empty)."""
     rounds = max(1, min(rounds, iterations))
     return [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
@@ -132,7 +132,7 @@ def measure_size(ctx: BenchContext, runners: dict[str, Exchange], workloads: Wor
         for _ in range(opts.warmup):
             calls[name]()
     seconds = dict.fromkeys(names, 0.0)
-    rounds = _round_sizes(opts.iterations, opts.rounds) if opts.iterations else []
+    rounds = round_sizes(opts.iterations, opts.rounds) if opts.iterations else []
     isolated = [n for n in names if REGISTRY[base_name(n)].isolated]
     shared = [n for n in names if n not in isolated]
     for r, count in enumerate(rounds):

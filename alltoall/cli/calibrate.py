@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import alltoall
+from alltoall.cli.bench_run import round_sizes
 from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
 from alltoall.cli.calibrate_refine import PlanSample, Refinement, refine
 from alltoall.plan import Profile
@@ -56,6 +57,9 @@ COPY_SIZES = tuple(1024 * 2**i for i in range(15))  # 1 KiB .. 16 MiB: copies ar
 # calls of a size: with 8 ranks on 2 cores a mean over 30 calls of a small
 # exchange still scatters by up to 50% between neighbouring sizes.
 PLAN_REPEAT = 3
+# Calls per timed round, each round after a barrier: what bench/validate_model.py's
+# runs use (-n 100 -R 10), whose times the predictions are checked against.
+ROUND_CALLS = 10
 # Transports tried on every group, in order; "default" is what "auto" runs on.
 TRANSPORTS = ("default", "shm", "c10d")
 
@@ -158,21 +162,28 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
 def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None,
                      repeat: int = 1) -> float:
     """The slowest rank's mean microseconds per call, after the warm-up
-    calls: the statistic the bench reports, so that predictions and the
-    bench's times mean the same thing. (Tried in loaded runs on one host:
-    the median predicted below the bench's means; each call's slowest rank,
-    averaged, far above them, as ranks reach a call at different times.)"""
+    calls: the statistic the bench reports, taken as the bench takes it, in
+    rounds of ``ROUND_CALLS`` calls each after a barrier, so that predictions
+    and the bench's times mean the same thing. (With one barrier before all
+    the calls, small exchanges timed up to 1.9x faster here than in the
+    bench's rounds: each round's first call absorbs the ranks' skew on
+    leaving the barrier. Tried in loaded runs on one host: the median
+    predicted below the bench's means; each call's slowest rank, averaged,
+    far above them, as ranks reach a call at different times.)"""
     warmup, timed = _calls(size)
     timed *= repeat
     for _ in range(warmup):
         call()
-    dist.barrier(group=group)
-    start = time.perf_counter()
-    for _ in range(timed):
-        call()
-    seconds = torch.tensor([(time.perf_counter() - start) / timed], dtype=torch.float64)
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # over the world: every rank's time counts
-    return float(seconds.item()) * 1e6
+    seconds = 0.0
+    for count in round_sizes(timed, -(-timed // ROUND_CALLS)):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        for _ in range(count):
+            call()
+        seconds += time.perf_counter() - start
+    slowest = torch.tensor([seconds / timed], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # over the world: every rank's time counts
+    return float(slowest.item()) * 1e6
 
 
 def _copy_samples(world: int) -> list[Sample]:
