@@ -26,8 +26,16 @@ from the samples that cross hosts (the rail groups), the ones its
 inter-node phases see; the world's samples mix both and are left out of
 that class's fit there. Times are the slowest rank's mean per call.
 
-Sizes: 1 KiB to 4 MiB per rank, x4 steps, fewer calls at larger sizes, so
-the whole sweep stays well under a minute on 8 ranks of a 2-core machine.
+Then the second stage (calibrate_refine): the flat and hierarchical plans
+are timed whole on the world, on every transport, and every parameter of
+the profile is refitted on those times, which carry what timing each phase
+alone misses (phases run back to back, reorders between them).
+
+Sizes: 1 KiB to 4 MiB per rank, x4 steps, fewer calls at larger sizes.
+Every timing is taken in rounds of ``ROUND_CALLS`` calls after a barrier,
+as the bench takes its times. The sweep took 14 s on 8 ranks of this 2-core
+machine and 27-29 s on the emulated clusters (the whole command about 50 s
+there, with the namespaces and the 8 processes started).
 """
 
 from __future__ import annotations
