@@ -70,7 +70,7 @@ class Fit:
         return cost.phase_us + cost.time_us(s.messages, s.bytes, s.each)
 
 
-def _nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+def nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     """argmin ||(a x - t) / t|| with x >= 0, by pinning negative terms at 0."""
     w = 1.0 / t
     free = list(range(a.shape[1]))
@@ -85,7 +85,8 @@ def _nonnegative_lstsq(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     return x
 
 
-def _gbps(per_byte: float) -> float:
+def gbps_of(per_byte: float) -> float:
+    """A byte cost (us per byte) as a bandwidth (GB/s); 0 or less: UNRESOLVED_GBPS."""
     return UNRESOLVED_GBPS if per_byte <= 0 else min(UNRESOLVED_GBPS, 1e-3 / per_byte)
 
 
@@ -106,9 +107,9 @@ def fit_class(link: str, group: Sequence[Sample], threshold: int = 0) -> LinkCos
         a = a[:, :3]
     if np.linalg.matrix_rank(a[:, :2]) < 2:
         a[:, 0] = 0.0  # one group size: phase folds into alpha
-    x = _nonnegative_lstsq(a, np.array([s.time_us for s in group]))
-    return LinkCost(alpha_us=float(x[1]), gbps=_gbps(float(x[2])), phase_us=float(x[0]),
-                    large_bytes=threshold if split else 0, large_gbps=_gbps(float(x[3])) if split else None)
+    x = nonnegative_lstsq(a, np.array([s.time_us for s in group]))
+    return LinkCost(alpha_us=float(x[1]), gbps=gbps_of(float(x[2])), phase_us=float(x[0]),
+                    large_bytes=threshold if split else 0, large_gbps=gbps_of(float(x[3])) if split else None)
 
 
 def fit_all(samples: Iterable[Sample], thresholds: Mapping[str, int] | None = None) -> Fit:

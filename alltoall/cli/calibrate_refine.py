@@ -36,13 +36,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from alltoall.cli.calibrate_fit import gbps_of, nonnegative_lstsq
 from alltoall.plan import LinkCost, Profile, make_plan
 from alltoall.plan.model import predict_plan
 
 # Candidate message sizes from which "tcp" gets a second byte cost (0: none).
 TCP_THRESHOLDS = (0, 64 * 1024, 256 * 1024, 1024 * 1024)
-# A byte cost of 0 as a bandwidth (GB/s), in the unit profiles and in results.
-FREE_GBPS = 1e6
 _ZERO_GBPS = 1e30  # in unit profiles only: the term vanishes
 
 
@@ -118,7 +117,7 @@ def _apply(profile: Profile, params: Sequence[Parameter], values: Sequence[float
     links, copy = dict(profile.links), profile.copy
     for (name, field_name), value in zip(params, values, strict=True):
         if field_name in ("gbps", "large_gbps"):
-            value = FREE_GBPS if value <= 0 else min(FREE_GBPS, 1e-3 / value)
+            value = gbps_of(value)
         if name == "copy":
             copy = replace(copy, **{field_name: value})
         else:
@@ -126,28 +125,15 @@ def _apply(profile: Profile, params: Sequence[Parameter], values: Sequence[float
     return replace(profile, links=links, copy=copy)
 
 
-def _nonnegative_fit(a: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """argmin ||(a x - t) / t|| with x >= 0, by pinning the most negative term at 0 and refitting."""
-    w = 1.0 / t
-    free = list(range(a.shape[1]))
-    x = np.zeros(a.shape[1])
-    while free:
-        sol, *_ = np.linalg.lstsq(a[:, free] * w[:, None], t * w, rcond=None)
-        if (sol >= 0).all():
-            x[free] = sol
-            return x
-        free.pop(int(np.argmin(sol)))
-    return x
-
-
 def _fit_once(profile: Profile, samples: Sequence[PlanSample]) -> tuple[Profile, np.ndarray]:
-    classes = sorted({link for s in samples for link in s.links} | {profile.intra_node} & set(profile.links))
-    params = _parameters(profile, [c for c in classes if c in profile.links])
+    # Phases that span nodes also charge the intra-node class.
+    classes = sorted(({link for s in samples for link in s.links} | {profile.intra_node}) & set(profile.links))
+    params = _parameters(profile, classes)
     a = np.array([[s.predict_us(_unit(profile, p)) for p in params] for s in samples])
     t = np.array([s.time_us for s in samples])
     # A parameter no sample exercises keeps the first stage's value.
     used = [j for j in range(len(params)) if np.any(a[:, j])]
-    x = _nonnegative_fit(a[:, used], t)
+    x = nonnegative_lstsq(a[:, used], t)
     fitted = _apply(profile, [params[j] for j in used], [float(v) for v in x])
     errors = np.array([abs(s.predict_us(fitted) - s.time_us) / s.time_us for s in samples])
     return fitted, errors
