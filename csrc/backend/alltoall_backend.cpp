@@ -29,7 +29,7 @@ at::Tensor flat_bytes(const at::Tensor& t) {
 
 // The context of an error message: "<backend>: <op>". Streamed only when a
 // check fails, because TORCH_CHECK formats its message lazily: building it
-// on every call cost about a microsecond of each small exchange.
+// on every call cost about 0.6 us of each small exchange.
 struct Where {
   const AlltoallBackend& backend;
   const char* op;
