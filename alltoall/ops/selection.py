@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from alltoall.plan import Profile, breakpoints, make_plan, predict_plan
@@ -37,6 +38,8 @@ DEFAULT_MAX_PEER_BYTES = 8 * 1024
 # Above this many ranks, the slowest rank is sought among one node's ranks
 # only: plans of a uniform topology are the same up to relabelling.
 ALL_RANKS_UP_TO = 128
+# "auto" remembers its choice for this many distinct sizes (then computes the rest).
+MEMO_SIZES = 4096
 
 
 def max_peer_bytes() -> int:
@@ -87,6 +90,7 @@ class ModelSelector:
     rank_order: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
+        self._memo: dict[int, str] = {}
         topo = self.topology
         if topo.size <= ALL_RANKS_UP_TO or not topo.uniform:
             self._ranks: tuple[int, ...] = tuple(range(topo.size))
@@ -126,7 +130,21 @@ class ModelSelector:
         return {a: max(times) for a, times in self.predict_all(bytes_per_rank).items()}
 
     def choose(self, bytes_per_peer: int) -> str:
-        """The fastest predicted algorithm; ties go to the earlier one."""
+        """The fastest predicted algorithm; ties go to the earlier one.
+        Remembered per size outside torch.compile: a training loop repeats
+        a few sizes, and on ranks that share cores every microsecond of a
+        call's CPU is paid several times over in wall time."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            known = self._memo.get(bytes_per_peer)
+            if known is not None:
+                return known
+        best = self._fastest(bytes_per_peer)
+        if not compiling and len(self._memo) < MEMO_SIZES:
+            self._memo[bytes_per_peer] = best
+        return best
+
+    def _fastest(self, bytes_per_peer: int) -> str:
         size = bytes_per_peer * self.topology.size
         lines = self._segments[0]
         for start, segment in zip(self._starts, self._segments, strict=True):
