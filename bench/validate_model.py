@@ -56,12 +56,14 @@ def _run(command: list[str], log: Path) -> None:
 
 
 def run_setting(name: str, out: Path, sizes: list[str]) -> dict:
+    """Calibrates, then times, in one job (--calibrate-first): a user
+    calibrates on the job they then run. Two launches differed by more than
+    the model's error on this 2-core machine (docs/performance.md)."""
     prefix, flags = SETTINGS[name]
     profile = out / f"{name}.profile.json"
-    _run([*prefix, *flags, "--calibrate", "--profile", str(profile)], out / f"{name}.calibrate.txt")
     result = out / f"{name}.json"
-    _run([*prefix, *flags, *sizes, *ALGORITHMS, "--profile", str(profile), "--json", str(result),
-          "--table", str(out / f"{name}.txt")], out / f"{name}.log")
+    _run([*prefix, *flags, *sizes, *ALGORITHMS, "--calibrate-first", "--profile", str(profile), "--json",
+          str(result), "--table", str(out / f"{name}.txt")], out / f"{name}.log")
     return json.loads(result.read_text())
 
 

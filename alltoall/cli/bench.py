@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="instead of the sweep, fit a cost profile (alpha and bandwidth per link class, copy "
                         "rate) from short timed exchanges, print the fit and its error, and write it")
+    p.add_argument("--calibrate-first", action="store_true",
+                   help="calibrate as --calibrate does (and write the profile), then run the sweep with that "
+                        "profile in the same job: its predictions and the times they are checked against come "
+                        "from one launch")
     return p
 
 
@@ -191,9 +195,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if args.calibrate:
+    if args.calibrate or args.calibrate_first:
         topology = alltoall.Topology.detect(None, local_size=args.local_size)
-        return calibrate.run(topology, None)
+        calibrate.run(topology, None)
+        if args.calibrate:
+            return 0
     # One Communicator per transport, created in the same order everywhere.
     comms = {t: alltoall.Communicator(local_size=args.local_size, transport=t) for t in args.transports}
     comm = comms[args.transports[0]]

@@ -339,12 +339,26 @@ def report_lines(cal: Calibration) -> list[str]:
 
 
 def run(topology: Topology, timeout) -> int:
-    """The --calibrate mode of a rank: sweep, fit, rank 0 writes and reports."""
+    """The --calibrate mode of a rank: sweep, fit, report on rank 0, and the
+    profile written on every host (by each host's first local rank: hosts
+    need not share a file system), so that Communicators created after this
+    returns, on any rank, load it."""
     target = profiles.output_path()
+    previous = os.environ.get(profiles.PROFILE_ENV)
     os.environ[profiles.PROFILE_ENV] = "off"  # the profile being replaced must not steer the sweep
-    cal = calibrate(topology, timeout)
+    try:
+        cal = calibrate(topology, timeout)
+    finally:
+        if previous is None:
+            del os.environ[profiles.PROFILE_ENV]
+        else:
+            os.environ[profiles.PROFILE_ENV] = previous
+    doc = [cal.profile.to_json() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(doc, src=0)
+    if dist.get_rank() == 0 or topology.local_rank == 0:
+        Profile.from_json(doc[0]).save(target)
+    dist.barrier()  # every host's file is in place before anyone reads it
     if dist.get_rank() == 0:
-        cal.profile.save(target)
         print("\n".join(report_lines(cal)))
         print(f"# wrote profile: {target} (alltoall reads it from {profiles.PROFILE_ENV} or {profiles.default_path()})",
               flush=True)

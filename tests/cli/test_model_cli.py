@@ -57,6 +57,24 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     assert all(p["predicted_us"] > 0 and p["measured_us"] > 0 for p in model["predictions"])
 
 
+def test_calibrate_first_sweeps_with_the_profile_it_just_wrote(tmp_path):
+    path = tmp_path / "fresh" / "profile.json"
+    out = tmp_path / "run.json"
+    run = run_cli(bench("--nprocs", "4", "--local-size", "2", *TINY, "--algorithms", "flat,hierarchical,auto",
+                        "--calibrate-first", "--profile", str(path), "--json", str(out)))
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+    profile = profiles.load(path)
+    assert profile.fit is not None and profile.fit["plans"]["samples"] == 2 * 2 * 7
+    # The calibration report comes first, then the sweep, whose model section
+    # (read by every rank's Communicator) is the profile just written.
+    assert run.stdout.index(f"wrote profile: {path}") < run.stdout.index("# alltoall-bench: all-to-all")
+    assert f"# Model: profile calibrated (hash {profile.hash})" in run.stdout
+    document = json.loads(out.read_text())
+    validate(document)
+    assert document["model"]["profile"] == f"calibrated (hash {profile.hash})"
+    assert all(p["predicted_us"] > 0 and p["measured_us"] > 0 for p in document["model"]["predictions"])
+
+
 def test_bench_without_a_profile_lists_autos_fixed_choice(tmp_path):
     run = run_cli(bench("--nprocs", "2", *TINY, "--algorithms", "flat", "--profile", "off"))
     assert run.returncode == 0, run.stderr
