@@ -20,11 +20,10 @@ bandwidth being that of the protocol the message size selects: the
 shared-memory transport's threshold (``ALLTOALL_SHM_SINGLE_COPY_BYTES``, as
 the transport reads it) is passed to the fit. Group sizes differ between
 the scopes (8, 4 and 2 for 8 ranks as 2 nodes of 4), which tells the fixed
-cost of a phase from the cost per message. A class measured both inside a
-node and across real hosts (gloo's "tcp": loopback and network) is fitted
-from the samples that cross hosts (the rail groups), the ones its
-inter-node phases see; the world's samples mix both and are left out of
-that class's fit there. Times are the slowest rank's mean per call.
+cost of a phase from the cost per message. Across real hosts, the world's
+flat exchange mixes messages inside a node with messages between nodes, so
+a class the rail groups also time ("tcp", "net") is fitted from the rail
+groups alone there. Times are the slowest rank's mean per call.
 
 Then the second stage (calibrate_refine): the flat and hierarchical plans
 are timed whole on the world, on every transport, and every parameter of
@@ -50,7 +49,9 @@ import torch
 import torch.distributed as dist
 
 import alltoall
-from alltoall.cli.bench_run import round_sizes
+from alltoall.cli.bench_algorithms import BenchContext
+from alltoall.cli.bench_run import SweepOptions, measure_size, round_sizes
+from alltoall.cli.bench_traffic import SplitsSpec
 from alltoall.cli.calibrate_fit import COPY, Fit, Sample, fit_all
 from alltoall.cli.calibrate_refine import PlanSample, Refinement, refine
 from alltoall.plan import Profile
@@ -207,6 +208,24 @@ def _copy_samples(world: int) -> list[Sample]:
     return samples
 
 
+def _time_plans(comm: alltoall.Communicator, algorithms: tuple[str, ...], nbytes: int,
+                x: torch.Tensor) -> dict[str, float]:
+    """Per algorithm, the slowest rank's mean microseconds per call, timed by
+    the bench's own routine (bench_run.measure_size): the algorithms'
+    rounds alternate, each after a barrier, as in the runs the predictions
+    are checked against."""
+    warmup, timed = _calls(nbytes)
+    timed *= PLAN_REPEAT
+    runners = {a: (lambda x, _send, _recv, _uniform, c=comm, a=a: c.all_to_all(x, a)) for a in algorithms}
+    opts = SweepOptions([nbytes], "float", torch.float32, timed, warmup, 0, 0, -(-timed // ROUND_CALLS),
+                        SplitsSpec("uniform"))
+    ctx = BenchContext(comm, "calibrate", dist.get_backend(), torch.device("cpu"), 1)
+    seconds = measure_size(ctx, runners, {a: (x, None) for a in algorithms}, [], [], opts)
+    slowest = torch.tensor([seconds[a][0] for a in algorithms], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # over the world: every rank's time counts
+    return {a: float(t) * 1e6 for a, t in zip(algorithms, slowest.tolist(), strict=True)}
+
+
 def _plan_samples(topology: Topology, timeout) -> list[PlanSample]:
     """The plans "auto" chooses between, timed whole on the world: flat, and
     hierarchical where the nodes allow it, on every transport the
@@ -224,14 +243,12 @@ def _plan_samples(topology: Topology, timeout) -> list[PlanSample]:
         if links in seen:
             continue
         seen.add(links)
-        for algorithm, phase_links in zip(algorithms, links, strict=True):
-            for nbytes in SIZES:
-                elements = max(comm.size, nbytes // 4 // comm.size * comm.size)
-                x = torch.zeros(elements, dtype=torch.float32)
-                t = _slowest_mean_us(lambda c=comm, x=x, a=algorithm: c.all_to_all(x, a), nbytes, None,
-                                     PLAN_REPEAT)
-                samples.append(PlanSample(algorithm, tuple(topology.node_of_rank), topology.rank, phase_links,
-                                          float(elements * 4), not topology.emulated, t))
+        for nbytes in SIZES:
+            elements = max(comm.size, nbytes // 4 // comm.size * comm.size)
+            times = _time_plans(comm, algorithms, nbytes, torch.zeros(elements, dtype=torch.float32))
+            samples += [PlanSample(algorithm, tuple(topology.node_of_rank), topology.rank, phase_links,
+                                   float(elements * 4), not topology.emulated, times[algorithm])
+                        for algorithm, phase_links in zip(algorithms, links, strict=True)]
         del comm
     return samples
 
@@ -273,8 +290,8 @@ def calibrate(topology: Topology, timeout) -> Calibration:
             t = _slowest_mean_us(lambda c=run.comm, x=x: c.all_to_all(x, "flat"), nbytes, None)
             samples.append(Sample(run.link, k - 1, elements * 4 * (k - 1) / k, t, elements * 4 / k))
             tagged.append((run.link, run.scope))
-    # A class seen inside a node and across real hosts (gloo: loopback and the
-    # network) is fitted on the cross-host samples, which its inter-node phases see.
+    # Across real hosts the world's samples mix messages inside and between
+    # nodes: a class the rail groups time is fitted on theirs alone.
     if not topology.emulated and topology.num_nodes > 1:
         across = {link for link, scope in tagged if scope == "rail"}
         samples = [s for s, (link, scope) in zip(samples, tagged, strict=True)
