@@ -104,8 +104,10 @@ class ModelSelector:
         # byte). "auto" evaluates the slowest rank's with plain arithmetic,
         # which torch.compile traces. This also fails here, at creation, when
         # the profile lacks a class in use.
-        cuts = sorted({0.0, *(b for plans in self._plans.values() for raw in plans
-                              for b in breakpoints(raw, self.profile))})
+        split = not topo.emulated
+        cuts = sorted({0.0, *(b for a, plans in self._plans.items() for r, raw in zip(self._ranks, plans, strict=True)
+                              for b in breakpoints(raw, self.profile, topo.node_of_rank, self.links[r][a],
+                                                   split_by_node=split))})
         self._starts = tuple(cuts)
         self._segments: list[dict[str, list[tuple[float, float]]]] = []
         for i, start in enumerate(cuts):

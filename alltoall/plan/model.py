@@ -5,8 +5,9 @@ its transport), each of its messages alpha and each byte 1/bandwidth of
 the class, at the bandwidth of the protocol its message size selects (the
 shared-memory transport reads messages of at least
 ``ALLTOALL_SHM_SINGLE_COPY_BYTES`` straight from the sender; smaller ones go
-through a ring); every reorder pass costs one copy of the buffer at the copy
-rate, the lower one once the buffer passes the copy's threshold (the
+through a ring); on a class marked ``overlap`` the phase's fixed costs and its
+bytes overlap, and the larger of the two counts; every reorder pass costs
+one copy of the buffer at the copy rate, the lower one once the buffer passes the copy's threshold (the
 job's buffers no longer fit the last-level cache). The terms add up: a rank runs its phases one after the other, and
 the model charges the messages of one phase in sequence too (alpha is the
 cost per message as measured in a whole exchange, with whatever overlap
@@ -82,6 +83,19 @@ def default_links(raw: _C.ExchangePlan, node_of_rank: Sequence[int], profile: Pr
                  else profile.inter_node for phase in raw.phases)
 
 
+def _messages_by_class(rank: int, phase, node_of_rank: Sequence[int], profile: Profile, link: str,
+                       split_by_node: bool) -> list[tuple[str, int]]:
+    """(class, messages) of ``rank``'s messages in ``phase`` on ``link``: to
+    peers on its own node over the intra-node class when the phase spans
+    nodes (and ``split_by_node``), the rest over ``link``."""
+    peers = [r for r in phase.group_ranks if r != rank]
+    spans_nodes = split_by_node and len({node_of_rank[r] for r in phase.group_ranks}) > 1
+    if not spans_nodes or (profile.intra_node == link and profile.link(link).overlap):
+        return [(link, len(peers))]
+    near = sum(1 for r in peers if node_of_rank[r] == node_of_rank[rank])
+    return [(profile.intra_node, near), (link, len(peers) - near)]
+
+
 def predict_plan(
     raw: _C.ExchangePlan,
     node_of_rank: Sequence[int],
@@ -110,7 +124,6 @@ def predict_plan(
         raise ValueError(f"links={list(links)} has {len(links)} entries for a {raw.algorithm} plan of "
                          f"{len(phases)} phases")
     block = bytes_per_rank / raw.num_blocks
-    me = node_of_rank[raw.rank]
     costs: list[Cost] = []
 
     def copy(label: str, blocks: float) -> None:
@@ -121,17 +134,19 @@ def predict_plan(
         copy("take chunks", raw.num_blocks / raw.tp)
     for i, (phase, link) in enumerate(zip(phases, links, strict=True)):
         name = f"phase {i + 1} {phase.collective} ({phase.role})"
-        if profile.link(link).phase_us:
-            costs.append(Cost(f"{name} fixed", link, 0, 0.0, profile.link(link).phase_us))
+        own = profile.link(link)
+        if own.phase_us and not own.overlap:
+            costs.append(Cost(f"{name} fixed", link, 0, 0.0, own.phase_us))
         if len(phase.pre_permutation):
             copy(f"reorder before phase {i + 1}", len(phase.pre_permutation))
-        peers = [r for r in phase.group_ranks if r != raw.rank]
-        spans_nodes = split_by_node and len({node_of_rank[r] for r in phase.group_ranks}) > 1
-        near = sum(1 for r in peers if node_of_rank[r] == me)
-        classes = [(link, len(peers))] if not spans_nodes else [(profile.intra_node, near), (link, len(peers) - near)]
-        for cls, messages in classes:
-            if messages:
-                each = phase.blocks_per_peer * block
+        each = phase.blocks_per_peer * block
+        for cls, messages in _messages_by_class(raw.rank, phase, node_of_rank, profile, link, split_by_node):
+            if cls == link and own.overlap:
+                # Bytes move while the fixed costs are paid: the larger counts.
+                fixed = own.phase_us + messages * own.alpha_us
+                moving = own.time_us(0, messages * each, each)
+                costs.append(Cost(f"{name} max(fixed, bytes)", link, messages, messages * each, max(fixed, moving)))
+            elif messages:
                 costs.append(Cost(name, cls, messages, messages * each,
                                   profile.link(cls).time_us(messages, messages * each, each)))
     if len(raw.post_permutation):
@@ -143,13 +158,16 @@ def predict_plan(
     return Prediction(raw.algorithm, bytes_per_rank, profile.name, tuple(costs))
 
 
-def breakpoints(raw: _C.ExchangePlan, profile: Profile) -> tuple[float, ...]:
+def breakpoints(raw: _C.ExchangePlan, profile: Profile, node_of_rank: Sequence[int] | None = None,
+                links: Sequence[str] | None = None, *, split_by_node: bool = True) -> tuple[float, ...]:
     """The sizes (bytes per rank) at which ``raw``'s prediction may change
     slope: where a phase's messages reach the protocol threshold of a class
     of the profile (every class is considered, whichever the phase runs on:
-    a spare breakpoint only splits a line in two), and where a copy pass
-    reaches the copy's threshold. Between two of them the prediction is a
-    straight line."""
+    a spare breakpoint only splits a line in two), where a copy pass
+    reaches the copy's threshold, and, given ``node_of_rank`` (and the
+    phases' ``links``, as for ``predict_plan``), where a phase on an
+    ``overlap`` class passes from its fixed costs to its bytes. Between two
+    of them the prediction is a straight line."""
     out = {cost.large_bytes * raw.num_blocks / phase.blocks_per_peer
            for phase in raw.phases if phase.blocks_per_peer
            for cost in profile.links.values() if cost.large_bytes and cost.large_gbps is not None}
@@ -157,4 +175,20 @@ def breakpoints(raw: _C.ExchangePlan, profile: Profile) -> tuple[float, ...]:
         passes = {len(p.pre_permutation) for p in raw.phases} | {len(raw.post_permutation), raw.num_blocks,
                                                                   raw.num_blocks / raw.tp}
         out |= {profile.copy.large_bytes * raw.num_blocks / blocks for blocks in passes if blocks}
+    if node_of_rank is not None:
+        phases = list(raw.phases)
+        links = tuple(links) if links is not None else default_links(raw, node_of_rank, profile)
+        for phase, link in zip(phases, links, strict=True):
+            own = profile.link(link)
+            if not own.overlap or not phase.blocks_per_peer:
+                continue
+            messages = dict(_messages_by_class(raw.rank, phase, node_of_rank, profile, link, split_by_node))[link]
+            fixed = own.phase_us + messages * own.alpha_us
+            if not messages or not fixed:
+                continue
+            share = messages * phase.blocks_per_peer / raw.num_blocks  # the phase's bytes per byte of the buffer
+            for gbps in {own.gbps, own.large_gbps or own.gbps}:
+                size = fixed * gbps * 1e3 / share  # bytes / (gbps * 1e3) == fixed
+                if own.gbps_for(size * phase.blocks_per_peer / raw.num_blocks) == gbps:
+                    out.add(size)
     return tuple(sorted(out))

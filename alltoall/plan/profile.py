@@ -12,8 +12,14 @@ nodes. ``alltoall-bench --calibrate`` fits one on the running job; shipped
 profiles (``alltoall/plan/profiles/*.json``) describe published GPU systems.
 
 Link classes are the names ``Communicator.links`` gives each phase:
-"shm" (the shared-memory transport), "tcp" (c10d over gloo), "nvlink" (c10d
+"shm" (the shared-memory transport), "loopback" (c10d over gloo, all
+members on one host), "tcp" (c10d over gloo across hosts), "nvlink" (c10d
 over NCCL, all members on one host) and "net" (c10d over NCCL across hosts).
+
+A class may be marked ``overlap``: its bytes move while its fixed costs are
+paid, so a phase on it costs the larger of the two rather than their sum
+(a shaped network link drains one rank's messages while the CPUs, shared
+by the ranks, run the others' calls).
 
 Files are JSON (``alltoall-profile/1``)::
 
@@ -35,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 
 SCHEMA = "alltoall-profile/1"
-LINK_CLASSES = ("shm", "tcp", "nvlink", "net")
+LINK_CLASSES = ("shm", "loopback", "tcp", "nvlink", "net")
 PROFILE_ENV = "ALLTOALL_PROFILE"
 # ALLTOALL_PROFILE=off: no profile even when the default file exists.
 DISABLED = ("off", "none", "0")
@@ -50,13 +56,16 @@ class LinkCost:
     (1e9 B/s), or at ``large_gbps`` for messages of at least ``large_bytes``
     bytes when the transport switches protocol there (shared memory: ring
     below ``ALLTOALL_SHM_SINGLE_COPY_BYTES``, single copy from it on).
-    ``large_bytes`` 0: one protocol at every size."""
+    ``large_bytes`` 0: one protocol at every size. ``overlap``: a phase
+    costs max(fixed, bytes) on this class instead of fixed + bytes (see the
+    module docstring)."""
 
     alpha_us: float
     gbps: float
     phase_us: float = 0.0
     large_bytes: int = 0
     large_gbps: float | None = None
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if not self.alpha_us >= 0:
@@ -91,13 +100,18 @@ class LinkCost:
             doc["phase_us"] = self.phase_us
         if self.large_bytes and self.large_gbps is not None:
             doc["large_bytes"], doc["large_gbps"] = self.large_bytes, self.large_gbps
+        if self.overlap:
+            doc["overlap"] = True
         return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> LinkCost:
         large = doc.get("large_gbps")
+        overlap = doc.get("overlap", False)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {overlap!r}")
         return cls(float(doc["alpha_us"]), float(doc["gbps"]), float(doc.get("phase_us", 0.0)),
-                   int(doc.get("large_bytes", 0)), None if large is None else float(large))
+                   int(doc.get("large_bytes", 0)), None if large is None else float(large), overlap)
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,18 @@ def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeou
 
 
 def link_class(transport: _C.Transport, hosts: Sequence[str]) -> str:
-    """The link class of a transport: "shm", "tcp" (gloo), "nvlink" (NCCL on
-    one host) or "net" (NCCL across hosts); another backend's own name."""
+    """The link class of a transport: "shm", "loopback" (gloo on one host),
+    "tcp" (gloo across hosts), "nvlink" (NCCL on one host) or "net" (NCCL
+    across hosts); another backend's own name. Gloo on one host and across
+    hosts are two classes as NCCL's are: loopback TCP moves bytes at memory
+    speed, a network at the link's rate, and one cost for both fitted
+    neither (on the emulated 2x4 cluster, 2026-12-01, docs/performance.md)."""
     kind = transport.kind
     if kind == "shm":
         return "shm"
     backend = kind.removeprefix("c10d:")
     if backend == "gloo":
-        return "tcp"
+        return "loopback" if len(set(hosts)) == 1 else "tcp"
     if backend == "nccl":
         return "nvlink" if len(set(hosts)) == 1 else "net"
     return backend

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 
-from alltoall.cli.calibrate_refine import TCP_THRESHOLDS
 from alltoall.plan import profile as profiles
 from tests.cli.test_bench_cli import TINY, bench, run_cli, validate
 
@@ -19,24 +18,24 @@ def test_calibrate_then_bench_with_the_profile(tmp_path):
     cal = run_cli(bench("--nprocs", "4", "--local-size", "2", "--calibrate", "--profile", str(path)))
     assert cal.returncode == 0, f"{cal.stdout}\n{cal.stderr}"
     profile = profiles.load(path)
-    # One host: the default transport is shared memory, c10d over gloo is "tcp".
-    assert set(profile.links) == {"shm", "tcp"} and profile.intra_node == profile.inter_node == "shm"
+    # One host: the default transport is shared memory, c10d over gloo is "loopback".
+    assert set(profile.links) == {"shm", "loopback"} and profile.intra_node == profile.inter_node == "shm"
     assert profile.links["shm"].gbps > 0 and profile.links["shm"].phase_us >= 0
-    assert profile.links["tcp"].gbps > 0 and profile.copy.gbps > 0 and profile.links["tcp"].phase_us >= 0
+    loopback = profile.links["loopback"]
+    assert loopback.gbps > 0 and profile.copy.gbps > 0 and loopback.phase_us >= 0
     # Shared memory switches to single copy at 64 KiB messages (the transport's
     # default), and the sweep has three sizes above it: two bandwidths.
     assert profile.links["shm"].large_bytes == 65536 and profile.links["shm"].large_gbps > 0
-    # TCP gets a second byte cost only where the refit on whole plans chose one.
-    tcp = profile.links["tcp"]
-    assert tcp.large_bytes in TCP_THRESHOLDS and (tcp.large_gbps is None) == (tcp.large_bytes == 0)
-    assert profile.fit["plans"]["tcp_large_bytes"] == tcp.large_bytes
+    # A second byte cost and overlap are tried for "tcp" only (between hosts): none here.
+    assert loopback.large_bytes == 0 and not loopback.overlap
+    assert profile.fit["plans"]["tcp_large_bytes"] == 0 and profile.fit["plans"]["tcp_overlap"] is False
     assert f"hash {profile.hash}" in cal.stdout and f"wrote profile: {path}" in cal.stdout
-    fitted = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["shm"], ["tcp"], ["copy"])]
+    fitted = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["shm"], ["loopback"], ["copy"])]
     # Fit lines for shm, tcp and copy (first stage, then refitted); 7 sizes on the
     # world, the node groups and the rail groups over both transports, and 15
     # of copies (1 KiB to 16 MiB).
     assert len(fitted) == 3 + 3 + 3 * 2 * 7 + 15, cal.stdout
-    assert profile.fit is not None and 0 <= profile.fit["tcp"]["max_relative_error"]
+    assert profile.fit is not None and 0 <= profile.fit["loopback"]["max_relative_error"]
     # The refit: flat and hierarchical on the world over both transports, 7 sizes each.
     plans = [line for line in cal.stdout.splitlines() if line.split()[1:2] in (["flat"], ["hierarchical"])]
     assert len(plans) == 2 * 2 * 7 and profile.fit["plans"]["samples"] == 2 * 2 * 7, cal.stdout

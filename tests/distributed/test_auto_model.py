@@ -19,7 +19,7 @@ from tests.harness.checks import assert_same_bytes, rank_input
 # flat's fewer bytes win large ones, so the sweep crosses over. Shared memory
 # and TCP cost the same, so the picks do not depend on the transport.
 SLOW = LinkCost(100.0, 0.1)
-SLOW_LINKS = Profile(links={"shm": SLOW, "tcp": SLOW}, copy=LinkCost(1.0, 10.0),
+SLOW_LINKS = Profile(links={"shm": SLOW, "loopback": SLOW, "tcp": SLOW}, copy=LinkCost(1.0, 10.0),
                      intra_node="tcp", inter_node="tcp", name="slow-links")
 SIZES_PER_PEER = [4 * 2**i for i in range(18)]  # 4 B .. 512 KiB per peer
 
@@ -52,8 +52,8 @@ def _mismatch(paths: dict[int, str]) -> str:
 def profile_files(tmp_path):
     same, other, broken = tmp_path / "same.json", tmp_path / "other.json", tmp_path / "broken.json"
     SLOW_LINKS.save(same)
-    Profile(links={"shm": SLOW, "tcp": LinkCost(101.0, 0.1)}, copy=LinkCost(1.0, 10.0), intra_node="tcp",
-            inter_node="tcp", name="slow-links").save(other)  # same name, other alpha
+    Profile(links={"shm": SLOW, "loopback": SLOW, "tcp": LinkCost(101.0, 0.1)}, copy=LinkCost(1.0, 10.0),
+            intra_node="tcp", inter_node="tcp", name="slow-links").save(other)  # same name, other alpha
     broken.write_text("{not json")
     return {"same": str(same), "other": str(other), "broken": str(broken)}
 

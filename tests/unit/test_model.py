@@ -197,3 +197,46 @@ def test_auto_follows_the_piecewise_prediction_across_thresholds():
             assert full[pick] == pytest.approx(min(full.values()), rel=1e-9), (size, full, pick)
             picks.add(pick)
     assert picks == {"flat", "hierarchical"}  # hierarchical wins where only its messages are large
+
+
+def test_an_overlapping_class_costs_the_larger_of_fixed_and_bytes():
+    # tcp overlapped: 50 us per phase and 10 us per message against 1 ns/B.
+    # Flat on 2 nodes of 4: 4 tcp messages of b/8, 3 shm ones (summed as before).
+    from dataclasses import replace
+
+    from alltoall.plan.model import breakpoints
+
+    tcp = LinkCost(10.0, 1.0, phase_us=50.0, overlap=True)
+    over = replace(PROFILE, links={**PROFILE.links, "tcp": tcp})
+    flat = plan(8, 4, "flat")
+    for size in (B, 1 << 20):
+        block = size / 8
+        shm = 3 * 2 + 3 * block * 0.25e-3
+        expected = shm + max(50 + 4 * 10, 4 * block * 1e-3)
+        assert flat.predict(size, over).time_us == pytest.approx(expected), size
+    # The knee: 4 * (b/8) * 1e-3 us == 90 us at b = 180,000 B, where the slope changes.
+    assert 180_000 in [round(b) for b in breakpoints(flat.raw, over, flat.node_of_rank)]
+    assert breakpoints(flat.raw, over) == ()  # without the nodes, no knee is placed
+    assert tcp == LinkCost.from_json(tcp.to_json()) and tcp.to_json()["overlap"] is True
+    assert "overlap" not in LinkCost(1.0, 1.0).to_json()
+    with pytest.raises(ValueError, match="overlap must be true or false"):
+        LinkCost.from_json({"alpha_us": 1, "gbps": 1, "overlap": "yes"})
+
+
+def test_auto_follows_an_overlapping_class_across_its_knee():
+    from alltoall.ops.selection import ModelSelector
+    from alltoall.topology import Topology
+
+    tcp = LinkCost(200.0, 0.05, phase_us=300.0, overlap=True)
+    profile = Profile(links={"shm": LinkCost(5.0, 0.5, phase_us=40.0), "tcp": tcp}, copy=LinkCost(1.0, 0.2),
+                      intra_node="shm", inter_node="tcp")
+    topology = Topology.emulate(8, 4, 0)
+    links = [{"flat": ("tcp",), "hierarchical": ("shm", "tcp")}] * 8
+    selector = ModelSelector(profile, topology, links, ("flat", "hierarchical"))
+    picks = set()
+    for size in [1024 * 2**i for i in range(13)]:
+        full = selector.predict_us(size)
+        pick = selector.choose(size // 8)
+        assert full[pick] == pytest.approx(min(full.values()), rel=1e-9), (size, full, pick)
+        picks.add(pick)
+    assert picks == {"flat", "hierarchical"}
