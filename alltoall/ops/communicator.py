@@ -97,8 +97,9 @@ class Communicator:
         self._groups = {"world": self.group_ref, **self._create_node_groups()}
         self.progress = _C.ProgressThread(f"communicator on group '{self.group_ref.name}'")
         # The real host of every rank (never emulated): it decides where
-        # shared memory can carry a phase.
-        self.hosts = detect_hosts(self.group) if self.transport != "c10d" else ("?",) * self.size
+        # shared memory can carry a phase, and a phase's link class (gloo
+        # or NCCL inside one host or across hosts), on every transport.
+        self.hosts = detect_hosts(self.group)
         self._transports = self._create_transports()
         self._exchangers = {"flat": self._exchanger_for("flat")}
         if topology.uniform:
