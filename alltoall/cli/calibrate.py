@@ -62,10 +62,15 @@ from alltoall.transport.shm import ShmOptions
 
 SIZES = tuple(1024 * 4**i for i in range(7))  # 1 KiB .. 4 MiB per rank
 COPY_SIZES = tuple(1024 * 2**i for i in range(15))  # 1 KiB .. 16 MiB: copies are cheap to time
-# The whole plans, which the final fit rests on, get this many times the
-# calls of a size: with 8 ranks on 2 cores a mean over 30 calls of a small
-# exchange still scatters by up to 50% between neighbouring sizes.
-PLAN_REPEAT = 3
+# Timed calls of a whole plan per size (the final fit rests on these): more
+# than the first stage's. With 8 ranks on 2 cores a mean over 30 calls of a
+# small exchange still scatters by up to 50% between neighbouring sizes. Over
+# emulated TCP, flat at 1 MiB has slow periods lasting seconds: 18 calls
+# timed the same exchange at 17.7 and 32.0 ms in one calibration (2x4). With
+# 60 calls (about 4 s more) the two timings agreed within 3% in one run, and
+# still differed (13.0 and 23.6 ms, 4x2) in another: docs/performance.md.
+PLAN_CALLS = {16 * 1024: 90, 256 * 1024: 30, 1024 * 1024: 60}
+PLAN_CALLS_LARGER = 20
 # Calls per timed round, each round after a barrier: what bench/validate_model.py's
 # runs use (-n 100 -R 10), whose times the predictions are checked against.
 ROUND_CALLS = 10
@@ -83,6 +88,11 @@ def _calls(size: int) -> tuple[int, int]:
     if size <= 256 * 1024:
         return 3, 10
     return 3, 6
+
+
+def _plan_calls(size: int) -> int:
+    """Timed calls of a whole plan at ``size`` bytes per rank: the same on every rank."""
+    return next((calls for limit, calls in PLAN_CALLS.items() if size <= limit), PLAN_CALLS_LARGER)
 
 
 @dataclass
@@ -214,8 +224,8 @@ def _time_plans(comm: alltoall.Communicator, algorithms: tuple[str, ...], nbytes
     the bench's own routine (bench_run.measure_size): the algorithms'
     rounds alternate, each after a barrier, as in the runs the predictions
     are checked against."""
-    warmup, timed = _calls(nbytes)
-    timed *= PLAN_REPEAT
+    warmup, _ = _calls(nbytes)
+    timed = _plan_calls(nbytes)
     runners = {a: (lambda x, _send, _recv, _uniform, c=comm, a=a: c.all_to_all(x, a)) for a in algorithms}
     opts = SweepOptions([nbytes], "float", torch.float32, timed, warmup, 0, 0, -(-timed // ROUND_CALLS),
                         SplitsSpec("uniform"))
