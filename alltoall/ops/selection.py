@@ -22,13 +22,13 @@ both cases: hierarchical where a hierarchy exists (it bounds the messages).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from alltoall._env import env_int
 from alltoall.plan import Profile, breakpoints, make_plan, predict_plan
 from alltoall.plan import profile as profiles
 from alltoall.topology import Topology
@@ -43,13 +43,7 @@ MEMO_SIZES = 4096
 
 
 def max_peer_bytes() -> int:
-    raw = os.environ.get(MAX_PEER_BYTES_ENV)
-    if not raw:
-        return DEFAULT_MAX_PEER_BYTES
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{MAX_PEER_BYTES_ENV}={raw!r} is not an integer") from None
+    return env_int(MAX_PEER_BYTES_ENV, DEFAULT_MAX_PEER_BYTES)
 
 
 def hierarchy_possible(topology: Topology) -> bool:

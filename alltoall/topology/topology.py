@@ -7,13 +7,13 @@ one host by cutting the group into blocks of ``local_size`` consecutive ranks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch.distributed as dist
 
+from alltoall._env import env_int
 from alltoall.topology.hosts import host_identity, host_name
 
 LOCAL_SIZE_ENV = "ALLTOALL_LOCAL_SIZE"
@@ -21,13 +21,7 @@ LOCAL_SIZE_ENV = "ALLTOALL_LOCAL_SIZE"
 
 def emulated_local_size() -> int | None:
     """``ALLTOALL_LOCAL_SIZE`` as an int, or None when unset."""
-    raw = os.environ.get(LOCAL_SIZE_ENV)
-    if not raw:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{LOCAL_SIZE_ENV}={raw!r} is not an integer") from None
+    return env_int(LOCAL_SIZE_ENV)
 
 
 @dataclass(frozen=True)

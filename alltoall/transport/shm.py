@@ -31,6 +31,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from alltoall._env import env_int
 from alltoall._library import _C
 from alltoall.transport.process_group import GroupRef
 
@@ -58,19 +59,6 @@ def segment_prefix() -> str:
     return prefix
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be at least {minimum}")
-    return value
-
-
 @dataclass(frozen=True)
 class ShmOptions:
     """How a group's segment is laid out and how its members wait."""
@@ -83,14 +71,14 @@ class ShmOptions:
     @classmethod
     def from_env(cls, members: int) -> ShmOptions:
         default_ring = max(MIN_RING_BYTES, min(MAX_RING_BYTES, RINGS_BUDGET_BYTES // max(1, members * members)))
-        ring = _env_int(RING_BYTES_ENV, default_ring, 64)
+        ring = env_int(RING_BYTES_ENV, default_ring, 64)
         if ring % 64:
             raise ValueError(f"{RING_BYTES_ENV}={ring} must be a multiple of 64")
         return cls(
             ring_bytes=ring,
-            single_copy_bytes=_env_int(SINGLE_COPY_BYTES_ENV, DEFAULT_SINGLE_COPY_BYTES, 0),
-            spins=_env_int(SPINS_ENV, DEFAULT_SPINS, 0),
-            yields=_env_int(YIELDS_ENV, DEFAULT_YIELDS, 0),
+            single_copy_bytes=env_int(SINGLE_COPY_BYTES_ENV, DEFAULT_SINGLE_COPY_BYTES, 0),
+            spins=env_int(SPINS_ENV, DEFAULT_SPINS, 0),
+            yields=env_int(YIELDS_ENV, DEFAULT_YIELDS, 0),
         )
 
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # same or a lower layer (and from the extension loader, layer 0).
 PY_LAYERS = {
     "_library": 0,
+    "_env": 0,
     "topology": 1,
     "plan": 2,
     "transport": 3,
