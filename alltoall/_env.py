@@ -1,10 +1,24 @@
-"""Integer settings read from the environment, with one error message for
+"""Numeric settings read from the environment, with one error message for
 every variable (layer 0: any layer may read its settings through it)."""
 
 from __future__ import annotations
 
 import os
-from typing import overload
+from collections.abc import Callable
+from typing import TypeVar, overload
+
+T = TypeVar("T", int, float)
+
+
+def _read(name: str, convert: Callable[[str], T], what: str) -> T | None:
+    """``name`` converted, or None when it is unset or empty; ValueError naming both otherwise."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return convert(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not {what}") from None
 
 
 @overload
@@ -18,13 +32,18 @@ def env_int(name: str, default: int | None = None, minimum: int | None = None) -
         ValueError: naming the variable and its value, when the value is not
             an integer or is below ``minimum``.
     """
-    raw = os.environ.get(name)
-    if not raw:
+    value = _read(name, int, "an integer")
+    if value is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+def env_float(name: str, what: str = "a number") -> float | None:
+    """``name`` as a float, or None when it is unset or empty.
+
+    Raises:
+        ValueError: ``"NAME='value' is not <what>"``.
+    """
+    return _read(name, float, what)

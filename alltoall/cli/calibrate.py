@@ -178,8 +178,7 @@ def _communicators(scope: str, members: tuple[int, ...] | None, rank: int, timeo
     return runs
 
 
-def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None,
-                     repeat: int = 1) -> float:
+def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessGroup | None) -> float:
     """The slowest rank's mean microseconds per call, after the warm-up
     calls: the statistic the bench reports, taken as the bench takes it, in
     rounds of ``ROUND_CALLS`` calls each after a barrier, so that predictions
@@ -190,7 +189,6 @@ def _slowest_mean_us(call: Callable[[], object], size: int, group: dist.ProcessG
     predicted below the bench's means; each call's slowest rank, averaged,
     far above them, as ranks reach a call at different times.)"""
     warmup, timed = _calls(size)
-    timed *= repeat
     for _ in range(warmup):
         call()
     seconds = 0.0

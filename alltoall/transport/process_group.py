@@ -3,12 +3,13 @@ creating subgroups, and the timeout every blocking wait honours."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+
+from alltoall._env import env_float
 
 TIMEOUT_ENV = "ALLTOALL_TIMEOUT"
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -17,13 +18,9 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 def resolve_timeout(timeout: timedelta | float | None) -> timedelta:
     """``timeout`` as a timedelta; None means ``ALLTOALL_TIMEOUT`` seconds, else 10 minutes."""
     if timeout is None:
-        raw = os.environ.get(TIMEOUT_ENV)
-        if not raw:
+        timeout = env_float(TIMEOUT_ENV, "a number of seconds")
+        if timeout is None:
             return DEFAULT_TIMEOUT
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
     if timeout.total_seconds() <= 0:
