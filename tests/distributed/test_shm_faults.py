@@ -21,7 +21,7 @@ VICTIM = 2
 TIMEOUT_S = 120  # the survivors must notice long before this
 
 
-def _rank(rank: int, store_path: str, when: str, results: mp.Queue) -> None:
+def _rank(rank: int, store_path: str, when: str, results: mp.Queue, release) -> None:
     import torch
     import torch.distributed as dist
 
@@ -50,6 +50,10 @@ def _rank(rank: int, store_path: str, when: str, results: mp.Queue) -> None:
     finally:
         results.close()
         results.join_thread()  # flush the report before leaving
+        # Stay until every survivor has reported: a survivor that left early
+        # would drop its lock under a peer still waiting, which would then
+        # name two departed ranks instead of the victim alone.
+        release.wait(TIMEOUT_S)
         os._exit(0)  # without teardown: a dead peer can hang gloo's
 
 
@@ -64,8 +68,9 @@ def test_survivors_name_the_dead_peer(when):
     before = _segments()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    release = ctx.Event()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results, release)) for r in range(WORLD)]
         for p in procs:
             p.start()
         reports = {}
@@ -74,6 +79,7 @@ def test_survivors_name_the_dead_peer(when):
                 rank, kind, message, _elapsed = results.get(timeout=TIMEOUT_S)
                 reports[rank] = (kind, message)
         finally:
+            release.set()
             for p in procs:
                 p.join(timeout=10)
                 if p.is_alive():
