@@ -14,7 +14,15 @@ from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.ops.work import Work
 from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
-from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
+from alltoall.transport import (
+    GroupRef,
+    abort_transports,
+    link_class,
+    make_transport,
+    new_subgroups,
+    resolve_timeout,
+    resolve_transport,
+)
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -247,7 +255,12 @@ class Communicator:
 
     def _agree(self, name: str, x: torch.Tensor, validate, check: bool | None) -> consistency.Validated:
         if not consistency.enabled(check):
-            return validate()
+            try:
+                return validate()
+            except ValueError as error:
+                # Only this rank raises: tell the peers (issue 24).
+                abort_transports(self._transports.values(), f"{name}: ValueError: {error}")
+                raise
         # The check's collectives go through torch.distributed on this
         # group: let the queued exchanges finish first, so they keep order.
         self.progress.synchronize()
@@ -338,3 +351,11 @@ class Communicator:
                                                with_splits=output_splits is None)
         out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received)
+
+    def abort(self, reason: str = "Communicator.abort() was called") -> None:
+        """Marks this Communicator's shared-memory groups failed on this rank:
+        their other members raise within about 0.2 s, naming this rank and
+        ``reason``, and every later call on either side raises at once.
+        Phases over c10d are not affected (gloo offers no abort; NCCL's is
+        the process group's own ``abort``). Safe while an exchange runs."""
+        abort_transports(self._transports.values(), reason)
