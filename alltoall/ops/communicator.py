@@ -26,12 +26,14 @@ from alltoall.transport import (
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
-# Weak, so a destroyed group or a dropped Communicator is forgotten.
-_by_group: dict[str, weakref.ref[Communicator]] = {}
+# Weak, so a dropped Communicator is forgotten. Keyed by the group object's
+# id (a live Communicator holds its group, so the id cannot be reused while
+# the entry matters): cheaper per call than reading the group's name.
+_by_group: dict[int, weakref.ref[Communicator]] = {}
 
 
 def registered(group: dist.ProcessGroup) -> Communicator | None:
-    ref = _by_group.get(group.group_name)
+    ref = _by_group.get(id(group))
     comm = ref() if ref is not None else None
     return comm if comm is not None and comm.group is group else None
 
@@ -114,8 +116,9 @@ class Communicator:
             self._exchangers["hierarchical"] = self._exchanger_for("hierarchical")
         self._keys = {name: traceable.register(ex) for name, ex in self._exchangers.items()}
         self.profile, self._selector = self._create_selector()
+        self._call = self._create_call_path()
         if self.rank_order is None:
-            _by_group[self.group_ref.name] = weakref.ref(self)
+            _by_group[id(self.group)] = weakref.ref(self)
 
     # Set-up -------------------------------------------------------------------
 
@@ -170,6 +173,13 @@ class Communicator:
                            if name == "flat" or len(ex.plan.phases) > 1)
         selector = selection.ModelSelector(profile, self.topology, links_by_rank, candidates, self.rank_order)
         return profile, selector
+
+    def _create_call_path(self) -> _C.CallPath:
+        """The per-call path in C++: argument checks, the algorithm choice
+        (the fixed rule's bound is read here, once; the model's picks are
+        remembered per size), the exchange and its autograd node."""
+        return _C.CallPath(self.size, list(self.topology.node_sizes), selection.hierarchical_up_to(self.topology),
+                           self._exchangers["flat"], self._exchangers.get("hierarchical"), self._selector)
 
     def _exchanger_for(self, algorithm: str) -> _C.Exchanger:
         raw = make_plan(self.topology.node_of_rank, self.rank, algorithm, rank_order=self.rank_order)
@@ -234,6 +244,7 @@ class Communicator:
         comm._exchangers = {"flat": comm._exchanger_for("flat")}
         comm._keys = {"flat": traceable.register(comm._exchangers["flat"])}
         comm.profile, comm._selector = None, None
+        comm._call = comm._create_call_path()
         return comm
 
     # Collectives ------------------------------------------------------------
@@ -253,13 +264,18 @@ class Communicator:
                              f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
         return resolved
 
+    def _tell_peers(self, name: str, error: ValueError) -> None:
+        """Only this rank raises on its bad input: mark its shared-memory
+        groups failed so the peers raise at once, naming it and the error,
+        instead of waiting out the timeout."""
+        abort_transports(self._transports.values(), f"{name}: ValueError: {error}")
+
     def _agree(self, name: str, x: torch.Tensor, validate, check: bool | None) -> consistency.Validated:
         if not consistency.enabled(check):
             try:
                 return validate()
             except ValueError as error:
-                # Only this rank raises: tell the peers (issue 24).
-                abort_transports(self._transports.values(), f"{name}: ValueError: {error}")
+                self._tell_peers(name, error)
                 raise
         # The check's collectives go through torch.distributed on this
         # group: let the queued exchanges finish first, so they keep order.
@@ -286,6 +302,19 @@ class Communicator:
             ``torch.ops.alltoall.exchange_equal`` (check is then not run;
             async_op is not supported there).
         """
+        if not async_op and not torch.compiler.is_compiling():
+            try:
+                out = self._call.all_to_all(x, algorithm, check)
+            except ValueError as error:
+                self._tell_peers("all_to_all", error)
+                raise
+            if out is not None:  # None: check=True's agreement comes first
+                return out
+        return self._all_to_all_slow(x, algorithm, check, async_op)
+
+    def _all_to_all_slow(self, x: torch.Tensor, algorithm: str, check: bool | None,
+                         async_op: bool) -> torch.Tensor | Work:
+        """all_to_all under torch.compile, with check=True or async_op=True."""
         if torch.compiler.is_compiling():
             if async_op:
                 raise ValueError("all_to_all(async_op=True) cannot be compiled; call it outside torch.compile")
@@ -295,15 +324,12 @@ class Communicator:
             return traceable.exchange_equal(x, self._keys[self._resolve_for(algorithm, bytes_per_peer)])
 
         def validate() -> consistency.Validated:
-            validation.check_tensor(x, "all_to_all")
-            validation.check_divisible(x, self.size, "all_to_all")
-            bytes_per_peer = x.numel() * x.element_size() // self.size
-            return consistency.Validated(self._resolve_for(algorithm, bytes_per_peer))
+            return consistency.Validated(self._call.validate(x, algorithm))
 
         plan = self._agree("all_to_all", x, validate, check)
         if async_op:
             return autograd.all_to_all_async(x, self._exchangers[plan.algorithm])
-        return autograd.all_to_all(x, self._exchangers[plan.algorithm])
+        return self._call.all_to_all(x, plan.algorithm, False)
 
     def all_to_all_v(
         self,
@@ -336,21 +362,23 @@ class Communicator:
             ``(output, output_splits)``.
         """
 
+        if not async_op:
+            try:
+                result = self._call.all_to_all_v(x, input_splits, output_splits, algorithm, check)
+            except ValueError as error:
+                self._tell_peers("all_to_all_v", error)
+                raise
+            if result is not None:  # None: check=True's agreement comes first
+                return result
+
         def validate() -> consistency.Validated:
-            validation.check_tensor(x, "all_to_all_v")
-            ins = validation.splits_to_list(input_splits, "input_splits", self.size, x.shape[0], "all_to_all_v")
-            outs = None
-            if output_splits is not None:
-                outs = validation.splits_to_list(output_splits, "output_splits", self.size, None, "all_to_all_v")
-            return consistency.Validated(self._resolve_for(algorithm, None), ins, outs)
+            return consistency.Validated(*self._call.validate_v(x, input_splits, output_splits, algorithm))
 
         plan = self._agree("all_to_all_v", x, validate, check)
-        exchanger = self._exchangers[plan.algorithm]
         if async_op:
-            return autograd.all_to_all_v_async(x, exchanger, plan.input_splits, plan.output_splits,
-                                               with_splits=output_splits is None)
-        out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
-        return out if output_splits is not None else (out, received)
+            return autograd.all_to_all_v_async(x, self._exchangers[plan.algorithm], plan.input_splits,
+                                               plan.output_splits, with_splits=output_splits is None)
+        return self._call.all_to_all_v(x, plan.input_splits, plan.output_splits, plan.algorithm, False)
 
     def abort(self, reason: str = "Communicator.abort() was called") -> None:
         """Marks this Communicator's shared-memory groups failed on this rank:

@@ -19,18 +19,21 @@ def _communicator(group: dist.ProcessGroup | None, algorithm: str) -> Communicat
     """The group's Communicator; for "flat" without one, a flat-only one
     (which needs no subgroup, so building it here communicates nothing)."""
     validation.check_algorithm(algorithm)
-    ref = GroupRef.of(group)
-    comm = registered(ref.group)
+    if group is None:
+        group = dist.group.WORLD
+    comm = registered(group) if group is not None else None
     if comm is not None:
         return comm
+    ref = GroupRef.of(group)
     if algorithm != "flat":
         raise ValueError(
             f"algorithm={algorithm!r} needs subgroups, which are never created inside a call: construct "
             f"alltoall.Communicator(group) on every rank of group '{ref.name}' first, or use algorithm='flat'"
         )
-    if ref.group not in _flat:
-        _flat[ref.group] = Communicator.flat_only(ref.group)
-    return _flat[ref.group]
+    flat = _flat.get(ref.group)
+    if flat is None:
+        flat = _flat[ref.group] = Communicator.flat_only(ref.group)
+    return flat
 
 
 def all_to_all(

@@ -18,12 +18,17 @@ namespace {
 // destroy_process_group). Gloo's destructor joins its worker threads, and a
 // worker that is freeing a tensor created in Python needs the GIL: deleting
 // with the GIL held deadlocks. torch's own ProcessGroup holder releases the
-// GIL on destruction for the same reason.
+// GIL on destruction for the same reason. An Exchanger's last reference may
+// also go from an autograd node freed on a thread without the GIL.
 template <typename T>
 struct DeleteWithoutGil {
   void operator()(T* object) const {
-    py::gil_scoped_release no_gil;
-    std::default_delete<T>()(object);
+    if (PyGILState_Check()) {
+      py::gil_scoped_release no_gil;
+      std::default_delete<T>()(object);
+    } else {
+      std::default_delete<T>()(object);
+    }
   }
 };
 
@@ -31,11 +36,14 @@ struct DeleteWithoutGil {
 
 void register_exchanger(py::module_& m) {
   register_progress(m);
-  py::class_<ops::Exchanger, std::unique_ptr<ops::Exchanger, DeleteWithoutGil<ops::Exchanger>>>(
-      m, "Exchanger", "Runs an ExchangePlan; transports[i] carries phase i.")
+  // Shared: a CallPath and the autograd nodes of its calls hold it too.
+  py::class_<ops::Exchanger, std::shared_ptr<ops::Exchanger>>(m, "Exchanger",
+                                                              "Runs an ExchangePlan; transports[i] carries phase i.")
       .def(py::init([](plan::ExchangePlan plan, std::vector<std::shared_ptr<transport::Transport>> transports,
                        std::shared_ptr<ops::ProgressThread> progress) {
-             return ops::Exchanger(std::move(plan), std::move(transports), std::move(progress));
+             return std::shared_ptr<ops::Exchanger>(
+                 new ops::Exchanger(std::move(plan), std::move(transports), std::move(progress)),
+                 DeleteWithoutGil<ops::Exchanger>());
            }),
            py::arg("plan"), py::arg("transports"), py::arg("progress") = nullptr)
       .def_property_readonly("plan", &ops::Exchanger::plan, py::return_value_policy::reference_internal)

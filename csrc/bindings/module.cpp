@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   alltoall::bindings::register_plan(m);
   alltoall::bindings::register_transport(m);
   alltoall::bindings::register_exchanger(m);
+  alltoall::bindings::register_call_path(m);
   alltoall::bindings::register_build_info(m);
   alltoall::bindings::register_backend(m);
 }

@@ -1,5 +1,6 @@
 #include "ops/exchanger.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/tensor.h>
@@ -76,6 +77,11 @@ Exchanger::Exchanger(plan::ExchangePlan plan, std::vector<std::shared_ptr<transp
                       transports_[i]->describe(), " does not match");
   }
   counters_ = std::make_unique<Counter[]>(transports_.size());
+  labels_[0] = label("all_to_all");
+  labels_[1] = label("all_to_all_v");
+  for (size_t i = 0; i < transports_.size(); ++i) {
+    steps_.push_back({step_name(i, "all_to_all"), step_name(i, "count exchange"), step_name(i, "all_to_all_v")});
+  }
 }
 
 std::string Exchanger::step_name(size_t phase, const char* what) const {
@@ -107,9 +113,9 @@ ProgressThread& Exchanger::require_progress(const char* what) const {
   return *progress_;
 }
 
-ExchangeResult Exchanger::in_order(const std::function<ExchangeResult()>& task, const char* what) const {
+ExchangeResult Exchanger::in_order(const std::function<ExchangeResult()>& task, const std::string& label) const {
   if (!progress_) return task();
-  return progress_->run(task, label(what));
+  return progress_->run(task, label);
 }
 
 std::string Exchanger::label(const char* what) const {
@@ -140,7 +146,7 @@ at::Tensor Exchanger::run_equal(const at::Tensor& source, const at::Tensor& out)
     if (!phase.pre_permutation.empty()) buffer = reorder_blocks(buffer, sizes, phase.pre_permutation);
     const bool last = i + 1 == plan_.phases.size();
     at::Tensor received = last && into_out ? out : at::empty_like(buffer);
-    transports_[i]->all_to_all(received, buffer, {}, {}, step_name(i, "all_to_all"));
+    transports_[i]->all_to_all(received, buffer, {}, {}, steps_[i][0]);
     count(i, buffer.numel() - buffer.numel() / transports_[i]->size());
     buffer = std::move(received);
   }
@@ -175,7 +181,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& s
       // gets the sizes of the blocks it is about to receive, O(p) per rank.
       at::Tensor counts = at::tensor(sizes, source.options().dtype(at::kLong));
       at::Tensor counts_in = at::empty_like(counts);
-      transports_[i]->all_to_all(counts_in, counts, {}, {}, step_name(i, "count exchange"));
+      transports_[i]->all_to_all(counts_in, counts, {}, {}, steps_[i][1]);
       counts_in = counts_in.cpu();
       const int64_t* c = counts_in.const_data_ptr<int64_t>();
       received_sizes.assign(c, c + counts_in.numel());
@@ -183,7 +189,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& s
     const Sizes send = sum_per_peer(sizes, phase.blocks_per_peer);
     const Sizes recv = sum_per_peer(received_sizes, phase.blocks_per_peer);
     at::Tensor received = last && into_out ? out : at::empty({total(recv), buffer.size(1)}, buffer.options());
-    transports_[i]->all_to_all(received, buffer, recv, send, step_name(i, "all_to_all_v"));
+    transports_[i]->all_to_all(received, buffer, recv, send, steps_[i][2]);
     count(i, (total(send) - send[phase.index_in_group]) * buffer.size(1));
     buffer = std::move(received);
     sizes = std::move(received_sizes);
@@ -219,6 +225,10 @@ void finish_into(at::Tensor& output, const at::Tensor& out_bytes, const at::Tens
 }  // namespace
 
 at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
+  // Every tensor made here is internal or the new output: none needs
+  // autograd's or view tracking's dispatch (a few hundred ns per op), and the
+  // output is then not a view of the byte buffer it was received into.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor source = input.contiguous();
   at::Tensor buffer = run_equal(source, at::Tensor());
   if (plan_.phases.empty()) buffer = buffer.clone();  // a group of one still returns a new tensor
@@ -228,6 +238,7 @@ at::Tensor Exchanger::run_all_to_all(const at::Tensor& input) const {
 std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
     const at::Tensor& input, const std::vector<int64_t>& input_splits,
     const std::optional<std::vector<int64_t>>& output_splits) const {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in run_all_to_all
   const at::Tensor source = input.contiguous();
   auto [buffer, sizes] = run_v(source, input_splits, output_splits, at::Tensor());
   if (plan_.phases.empty()) buffer = buffer.clone();
@@ -237,7 +248,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_all_to_all_v(
 
 at::Tensor Exchanger::all_to_all(const at::Tensor& input) const {
   check_equal(input);
-  return in_order([&] { return ExchangeResult{run_all_to_all(input), {}}; }, "all_to_all").output;
+  return in_order([&] { return ExchangeResult{run_all_to_all(input), {}}; }, label_equal()).output;
 }
 
 void Exchanger::all_to_all_into(const at::Tensor& input, at::Tensor& output) const {
@@ -250,7 +261,7 @@ void Exchanger::all_to_all_into(const at::Tensor& input, at::Tensor& output) con
         finish_into(output, out_bytes, run_equal(source, out_bytes), source, input.size(0));
         return ExchangeResult{};
       },
-      "all_to_all");
+      label_equal());
 }
 
 std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
@@ -262,7 +273,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::all_to_all_v(
         auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
         return ExchangeResult{std::move(out), std::move(splits)};
       },
-      "all_to_all_v");
+      label_uneven());
   return {std::move(result.output), std::move(result.splits)};
 }
 
@@ -278,7 +289,7 @@ void Exchanger::all_to_all_v_into(const at::Tensor& input, const std::vector<int
         finish_into(output, out_bytes, result.first, source, total(output_splits));
         return ExchangeResult{};
       },
-      "all_to_all_v");
+      label_uneven());
 }
 
 std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const {
@@ -286,7 +297,7 @@ std::shared_ptr<Work> Exchanger::all_to_all_async(const at::Tensor& input) const
   ProgressThread& progress = require_progress("all_to_all(async_op=True)");
   // The task holds the input; the owner's destructor drains the queue
   // before this exchanger goes away, so `this` outlives the task.
-  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label("all_to_all"));
+  return progress.submit([this, input] { return ExchangeResult{run_all_to_all(input), {}}; }, label_equal());
 }
 
 std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, const std::vector<int64_t>& input_splits,
@@ -298,7 +309,7 @@ std::shared_ptr<Work> Exchanger::all_to_all_v_async(const at::Tensor& input, con
         auto [out, splits] = run_all_to_all_v(input, input_splits, output_splits);
         return ExchangeResult{std::move(out), std::move(splits)};
       },
-      label("all_to_all_v"));
+      label_uneven());
 }
 
 }  // namespace alltoall::ops

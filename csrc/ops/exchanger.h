@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -84,12 +85,14 @@ class Exchanger {
       const std::optional<std::vector<int64_t>>& output_splits) const;
   // Runs `task` in issue order with the owner's other calls (inline when
   // there is no progress thread).
-  ExchangeResult in_order(const std::function<ExchangeResult()>& task, const char* what) const;
+  ExchangeResult in_order(const std::function<ExchangeResult()>& task, const std::string& label) const;
   void check_equal(const at::Tensor& input) const;
   void check_uneven(const at::Tensor& input, const std::vector<int64_t>& input_splits,
                     const std::optional<std::vector<int64_t>>& output_splits) const;
   ProgressThread& require_progress(const char* what) const;
   std::string label(const char* what) const;
+  const std::string& label_equal() const { return labels_[0]; }
+  const std::string& label_uneven() const { return labels_[1]; }
 
   std::string step_name(size_t phase, const char* what) const;
   // Both variants; `out` is the destination's byte rows, or undefined.
@@ -103,6 +106,12 @@ class Exchanger {
   std::vector<std::shared_ptr<transport::Transport>> transports_;
   std::unique_ptr<Counter[]> counters_;
   std::shared_ptr<ProgressThread> progress_;
+  // "alltoall::all_to_all (flat)" and "alltoall::all_to_all_v (flat)", built
+  // once: the profiler label of every call.
+  std::string labels_[2];
+  // Per phase, the step names its errors give: "all_to_all", "count
+  // exchange", "all_to_all_v" (built once, not on every call).
+  std::vector<std::array<std::string, 3>> steps_;
 };
 
 }  // namespace alltoall::ops
