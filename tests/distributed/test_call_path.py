@@ -311,14 +311,21 @@ def _bad_input_messages() -> int:
         assert comm._call.validate_v(y, torch.tensor([2] * p, dtype=torch.int32), (2,) * p, "auto")[1:] == \
             ([2] * p, [2] * p)
         assert comm._call.validate_v(y, iter([2] * p), range(2, 2 + p), "flat") == ("flat", [2] * p, [2, 3, 4, 5])
-    # The group is still in step: a real exchange on every rank works.
     y = rank_input(rank, 2 * p, (2,), torch.float32)
+    if "shm" in comm.transports("hierarchical"):
+        # Rank 0 failed alone: its shared-memory groups are marked failed
+        # (issue 24), so every rank's next call raises, naming rank 0.
+        with pytest.raises(dist.DistBackendError, match="ValueError"):
+            comm.all_to_all(y, "hierarchical")
+        comm = alltoall.Communicator(local_size=2)
+    # Nothing was communicated: the group is in step, a real exchange works
+    # (over gloo on the same Communicator, which has no abort to mark).
     assert_same_bytes(comm.all_to_all(y, "hierarchical"), reference(y))
     return checked
 
 
 def test_bad_input_raises_the_same_value_errors_before_communication(worlds):
-    checked = worlds.run(4, _bad_input_messages, deadline_s=60)
+    checked = worlds.run(4, _bad_input_messages, deadline_s=300)
     assert checked[0] == 11 + 9 + 7 and checked[1:] == [0, 0, 0]
 
 
