@@ -96,7 +96,7 @@ def _differential(node_ids: list[int] | None, tp: int, modes: tuple[str, ...]) -
             inter = torch.tensor([handle.sent["rows_inter"], expected, handle.combine_sent["rows_inter"]])
             if mode == "replicate-hierarchical":  # rows are forwarded: only the sum over ranks is fixed
                 dist.all_reduce(inter, group=comm.group)
-                inter[2] = inter[0]
+                inter[2] = dispatcher.stats()["combine_rows_inter"]
             assert inter[0] == inter[1], f"{what}: {inter[0]} inter-node rows sent, expected {inter[1]}"
             total_sent = torch.tensor([handle.sent["rows_inter"], inter[2]])
             dist.all_reduce(total_sent, group=comm.group)
