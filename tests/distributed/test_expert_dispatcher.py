@@ -132,7 +132,8 @@ def _bad_input() -> None:
     d = alltoall.ExpertDispatcher(comm, 4, mode="dedup")
     x, index, weights = torch.randn(3, HIDDEN), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
     bad = [
-        ((x, torch.tensor([[0, 4], [2, 3], [1, 2]]), weights), r"expert_index holds values in \[0, 4\], outside \[-1, 4\)"),
+        ((x, torch.tensor([[0, 4], [2, 3], [1, 2]]), weights),
+         r"expert_index holds values in \[0, 4\], outside \[-1, 4\)"),
         ((x, torch.tensor([[0, -2], [2, 3], [1, 2]]), weights), r"values in \[-2, 3\]"),
         ((x, index.int(), weights), "expert_index must be a 2-d int64 tensor"),
         ((x[0], index, weights), r"x must be \[tokens, hidden\]"),
