@@ -45,7 +45,8 @@ def _inputs(case: int, data: int, tokens: int, k: int, num_experts: int, kind: s
 def _differential(node_ids: list[int] | None, tp: int, modes: tuple[str, ...]) -> int:
     rank = dist.get_rank()
     if tp > 1:
-        groups = alltoall.ParallelGroups(tp, local_size=4)
+        topology = alltoall.Topology.from_node_ids(node_ids, rank) if node_ids else None
+        groups = alltoall.ParallelGroups(tp, topology=topology, local_size=None if topology else 4)
         comm, target = groups.ep_comm, groups
     else:
         comm = alltoall.Communicator(topology=alltoall.Topology.from_node_ids(node_ids, rank))
@@ -117,8 +118,10 @@ def test_dedup_and_replicate_match_dense_reference(worlds, topology):
     assert results == [len(CASES) * len(modes)] * 8
 
 
-def test_tensor_parallel_dispatch_matches_dense_reference(worlds):
-    results = worlds.run(8, _differential, None, 2, ("dedup", "replicate"), deadline_s=300)
+@pytest.mark.parametrize("topology", ["2x4", "cyclic"])
+def test_tensor_parallel_dispatch_matches_dense_reference(worlds, topology):
+    # On the cyclic placement ParallelGroups relabels the EP group (rank_order).
+    results = worlds.run(8, _differential, TOPOLOGIES[topology], 2, ("dedup", "replicate"), deadline_s=300)
     assert results == [len(CASES) * 2] * 8
 
 
