@@ -53,7 +53,7 @@ def main() -> None:
         dist.all_reduce(totals)
         ms = torch.tensor([statistics.median(cpu[1:]) * 1e3])
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        rows[f"{mode}-{algorithm}"] = (totals / dist.get_world_size()).tolist() + [float(ms)]
+        rows[f"{mode}-{algorithm}"] = [*(totals / dist.get_world_size()).tolist(), float(ms)]
     if rank == 0:
         print(f"{comm.topology.describe()}; S={args.tokens} M={args.hidden} E={args.experts} k={args.k}; per rank "
               "per dispatch (mean over ranks); CPU ms = slowest rank's median calling-thread CPU time of "
