@@ -13,6 +13,7 @@ from alltoall.moe.dispatch import combine, dispatch
 from alltoall.moe.exchange import ExpertExchange
 from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_feed_forwards
 from alltoall.moe.gate import TopKGate, expert_capacity
+from alltoall.moe.node_limited import expert_nodes
 from alltoall.moe.pipeline import check_overlap_degree
 from alltoall.ops import Communicator, ParallelGroups
 
@@ -55,6 +56,10 @@ class MoE(nn.Module):
             is not initialised).
         algorithm: "auto", "flat" or "hierarchical" for every exchange.
         normalize_weights, router_z_loss_coef: see ``TopKGate``.
+        max_nodes: node-limited routing (DeepSeek-V3): each token's k experts
+            lie on at most this many nodes of the EP group (the
+            Communicator's topology nodes; emulated nodes count). None, or at
+            least the number of nodes: plain top-k. See ``TopKGate``.
         timeout: bound on every exchange's waits (the Communicator's default if None).
         overlap_degree: N >= 1. Above 1 the rows go through the experts in N
             chunks (along capacity, or by counts when dropless): chunk i+1's
@@ -99,6 +104,7 @@ class MoE(nn.Module):
         timeout: timedelta | float | None = None,
         check_tokens: bool = False,
         overlap_degree: int = 1,
+        max_nodes: int | None = None,
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -122,9 +128,11 @@ class MoE(nn.Module):
         self.use_residual = use_residual
         self.check_tokens = check_tokens
 
-        self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
-                             z_loss_coef=router_z_loss_coef)
         comm = None if groups is not None else _ep_communicator(ep_group, timeout)
+        ep_comm = groups.ep_comm if groups is not None else comm
+        node_map = expert_nodes(ep_comm, num_experts) if max_nodes is not None else None
+        self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
+                             z_loss_coef=router_z_loss_coef, max_nodes=max_nodes, expert_node=node_map)
         self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
         local = self.exchange.num_local
         first = self.exchange.rank * local
