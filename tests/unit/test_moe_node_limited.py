@@ -135,3 +135,19 @@ def test_bad_node_maps_raise_value_errors():
         TopKGate(4, 4, 2, max_nodes=2)
     with pytest.raises(ValueError, match="max_nodes=0 must be >= 1"):
         MoE(4, num_experts=2, ffn_hidden_size=8, max_nodes=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_equals_megatron_core_group_limited_top_k():
+    """Megatron-Core's moe_router_num_groups = nodes, moe_router_group_topk = N,
+    on softmax probabilities (moe_router_pre_softmax=True), consecutive placement."""
+    moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils",
+                                    reason="Megatron-Core is not installed (pip install megatron-core)")
+    for k, max_nodes, nodes in ((8, 2, 4), (4, 2, 4), (6, 3, 4), (8, 4, 8), (2, 1, 2)):
+        experts = 32
+        gate = TopKGate(12, experts, k, max_nodes=max_nodes,
+                        expert_node=[e // (experts // nodes) for e in range(experts)]).double()
+        x = torch.randn(300, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        probs = torch.softmax(gate.logits(x), dim=1).detach()
+        _, theirs = moe_utils.group_limited_topk(probs, k, 300, experts, nodes, max_nodes)
+        assert torch.equal(gate(x, None).routing.expert_index, theirs), (k, max_nodes, nodes)
