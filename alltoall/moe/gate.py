@@ -115,11 +115,19 @@ class TopKGate(nn.Module):
         dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.wg.weight.dtype)
         return nn.functional.linear(x.to(dtype), self.wg.weight.to(dtype))
 
+    def choice_scores(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``[S, E]`` scores whose top-k (larger first, the lower expert among
+        equals) are the chosen experts: the logits, with the experts outside
+        a token's ``max_nodes`` best nodes at -inf. A subclass may choose
+        otherwise (the benchmarks draw the routing); the weights and losses
+        still come from ``probs``."""
+        return limit_logits(logits, probs, self.expert_node, self.k, self.max_nodes)
+
     def forward(self, x: torch.Tensor, capacity: int | None) -> GateOutput:
         """Gates tokens ``x`` ``[S, M]``; ``capacity`` None means dropless."""
         logits = self.logits(x)
         probs = torch.softmax(logits, dim=1)
-        routing = route(limit_logits(logits, probs, self.expert_node, self.k, self.max_nodes), self.k, capacity)
+        routing = route(self.choice_scores(logits, probs), self.k, capacity)
         weights = probs.gather(1, routing.expert_index)
         if self.normalize_weights:
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
