@@ -145,7 +145,7 @@ class MoE(nn.Module):
                              z_loss_coef=router_z_loss_coef, max_nodes=max_nodes, expert_node=node_map)
         self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
         self.dispatched = _dispatched(check_dispatcher(dispatcher), groups if groups is not None else comm,
-                                      num_experts, algorithm, self.exchange.overlap_degree)
+                                      num_experts, k, algorithm, self.exchange.overlap_degree)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
@@ -221,7 +221,7 @@ def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return total
 
 
-def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, algorithm: str,
+def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, k: int, algorithm: str,
                 overlap_degree: int) -> DispatchedExperts | None:
     """The ExpertDispatcher path, or None for the replicate path (also when
     "auto" resolves to replicate, and on one process, where nothing moves)."""
@@ -233,7 +233,7 @@ def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_exper
         if mode == "dedup":
             raise ValueError("dispatcher='dedup' needs alltoall.ExpertDispatcher, which this build lacks") from None
         return None
-    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm)
+    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k)
     return DispatchedExperts(dispatcher, overlap_degree) if dispatcher.mode == "dedup" else None
 
 
