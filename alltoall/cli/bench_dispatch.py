@@ -17,7 +17,10 @@ counters of one dispatch (forward direction): bytes one rank sends to other
 ranks inside its node and to other nodes, the mean over ranks.
 
 Modes: replicate-flat, replicate-hierarchical, dedup, auto (ExpertDispatcher
-modes; hierarchical and dedup need nodes of equal size). With
+modes; hierarchical and dedup need nodes of equal size), and megatron:
+Megatron-Core's MoEAlltoAllTokenDispatcher on the same routing and capacity
+(alltoall/cli/bench_megatron.py; padded mode only, so with
+``--capacity-factor``; its bytes are the padded exchange's, computed). With
 ``--capacity-factor``, the gate's capacity rule drops assignments before the
 dispatch (the layer's drop mode); without it, dropless.
 """
@@ -37,13 +40,15 @@ import torch.distributed as dist
 
 import alltoall
 from alltoall.cli.bench_launch import launched_by_self, self_launch
+from alltoall.cli.bench_megatron import MegatronDispatch, available
 from alltoall.cli.bench_routing import DISTRIBUTIONS, drawn_scores
 from alltoall.launch import init_distributed
 from alltoall.moe.dispatch import route
 from alltoall.moe.gate import expert_capacity
 from alltoall.moe.node_limited import expert_nodes, limit_logits
 
-MODES = ("replicate-flat", "replicate-hierarchical", "dedup", "auto")
+MODES = ("replicate-flat", "replicate-hierarchical", "dedup", "auto", "megatron")
+DEFAULT_MODES = MODES[:4]
 EXIT_WRONG = 3
 
 
@@ -91,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf-exponent", type=float, default=1.2)
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="drop by the gate's capacity rule with this factor (default: dropless)")
-    p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--modes", type=_modes, default=list(DEFAULT_MODES),
+                   help=f"comma-separated, of {', '.join(MODES)} (default the first four; megatron: Megatron-Core's "
+                        "MoEAlltoAllTokenDispatcher, padded, needs --capacity-factor)")
     p.add_argument("-n", "--iters", type=int, default=10)
     p.add_argument("-w", "--warmup_iters", type=int, default=2)
     p.add_argument("-R", "--rounds", type=int, default=1, help="alternate the modes over this many rounds")
@@ -140,17 +147,23 @@ def _routing(args: argparse.Namespace, comm: alltoall.Communicator, tokens: int)
     return routing.expert_index.masked_fill(routing.dest_row < 0, -1), weights
 
 
+def _call(d, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """combine(dispatch(x)) with identity experts, and the dispatch's counters."""
+    if isinstance(d, MegatronDispatch):
+        return d.step(x, *d.dense(index, weights, d.experts)), None
+    recv, handle = d.dispatch(x, index, weights)
+    return d.combine(recv, handle), handle.sent
+
+
 def _forward(d, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
     with torch.no_grad():
-        recv, handle = d.dispatch(x, index, weights)
-        d.combine(recv, handle)
+        _call(d, x, index, weights)
 
 
 def _train(d, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
     xg = x.detach().requires_grad_()
     wg = weights.detach().requires_grad_()
-    recv, handle = d.dispatch(xg, index, wg)
-    d.combine(recv, handle).sum().backward()
+    _call(d, xg, index, wg)[0].sum().backward()
 
 
 def _timed(iters: int, step, *args) -> float:
@@ -173,12 +186,23 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
     if args.experts % world:
         parser.error(f"-E {args.experts} is not divisible by the world size {world}")
     modes = list(args.modes)
-    skipped = []
+    skipped: list[str] = []
+    notes: list[str] = []
     if not comm.topology.uniform:
         skipped = [m for m in modes if m in ("replicate-hierarchical", "dedup")]
         modes = [m for m in modes if m not in skipped]
-    dispatchers = {}
+        if skipped:
+            notes.append(f"{skipped} skipped: nodes of unequal size")
+    if "megatron" in modes and (args.capacity_factor is None or not available()):
+        skipped.append("megatron")
+        modes.remove("megatron")
+        why = "needs --capacity-factor (padded mode)" if available() else "Megatron-Core is not installed"
+        notes.append(f"megatron skipped: {why}")
+    dispatchers: dict = {}
     for m in modes:  # the same order on every rank
+        if m == "megatron":
+            dispatchers[m] = MegatronDispatch(args.experts, args.k, args.hidden, args.capacity_factor)
+            continue
         mode, algorithm = ("replicate", m.split("-", 1)[1]) if m.startswith("replicate-") else (m, "auto")
         dispatchers[m] = ExpertDispatcher(comm, args.experts, mode=mode, algorithm=algorithm, k=args.k)
     rows: list[Row] = []
@@ -190,10 +214,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         results = {}
         for m, d in dispatchers.items():
             with torch.no_grad():
-                recv, handle = d.dispatch(x, index, weights)
-                out = d.combine(recv, handle)
+                out, counted = _call(d, x, index, weights)
+            if counted is None:  # Megatron-Core: the padded exchange's bytes, computed
+                counted = d.sent(tokens, args.hidden, x.element_size(), comm.topology)
             wrong = int(((out - expected).abs() > 1e-4 * (1 + expected.abs())).sum())
-            sent = torch.tensor([float(handle.sent[c]) for c in ("bytes_intra", "bytes_inter", "rows_intra",
+            sent = torch.tensor([float(counted[c]) for c in ("bytes_intra", "bytes_inter", "rows_intra",
                                                                  "rows_inter")], dtype=torch.float64)
             dist.all_reduce(sent)
             totals = torch.tensor([wrong], dtype=torch.int64)
@@ -217,11 +242,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
     comm.synchronize()
     wrong = sum(r.wrong for r in rows)
     if comm.rank == 0:
-        _report(args, argv, comm, rows, skipped)
+        _report(args, argv, comm, rows, skipped, notes)
     return EXIT_WRONG if wrong else 0
 
 
-def header_lines(args: argparse.Namespace, comm: alltoall.Communicator, skipped: list[str]) -> list[str]:
+def header_lines(args: argparse.Namespace, comm: alltoall.Communicator, notes: list[str]) -> list[str]:
     routing = args.routing if args.routing == "uniform" else f"zipf {args.zipf_exponent}"
     drop = "dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor}"
     lines = [f"# alltoall-bench dispatch: {comm.size} ranks, {comm.topology.describe()}, transport {comm.transport}",
@@ -229,8 +254,7 @@ def header_lines(args: argparse.Namespace, comm: alltoall.Communicator, skipped:
              f"seed {args.seed}, {drop}, fp32, identity experts",
              "# time: mean over iterations, slowest rank; bytes: one dispatch (forward), sent by one rank to other "
              "ranks, mean over ranks"]
-    if skipped:
-        lines.append(f"# skipped {skipped}: nodes of unequal size")
+    lines += [f"# {note}" for note in notes]
     lines.append(f"# {'S':>8} {'mode':>24} {'resolved':>10} {'fwd(us)':>12} {'fwd+bwd(us)':>12} "
                  f"{'B intra':>12} {'B inter':>12} {'wrong':>6}")
     return lines
@@ -254,8 +278,8 @@ def parse_table(text: str) -> list[dict]:
 
 
 def _report(args: argparse.Namespace, argv: list[str], comm: alltoall.Communicator, rows: list[Row],
-            skipped: list[str]) -> None:
-    lines = [*header_lines(args, comm, skipped), *table_lines(rows)]
+            skipped: list[str], notes: list[str]) -> None:
+    lines = [*header_lines(args, comm, notes), *table_lines(rows)]
     wrong = sum(r.wrong for r in rows)
     lines.append(f"# Wrong elements: {wrong} {'OK' if not wrong else 'FAILED'}")
     text = "\n".join(lines) + "\n"

@@ -66,3 +66,13 @@ def test_dispatch_mode_small(tmp_path):
 def test_bad_flags_exit_2():
     result = run_cli([sys.executable, "-m", "alltoall.bench", "dispatch", "--nprocs", "2", "-k", "9", "-E", "8"])
     assert result.returncode == 2 and "-k 9 must be in [1, -E 8]" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_megatron_row_on_the_same_routing_and_capacity():
+    result = run_cli([sys.executable, "-m", "alltoall.bench", "dispatch", "--nprocs", "2", "-S", "12", "-M", "8",
+                      "-k", "2", "-E", "4", "-n", "1", "-w", "0", "--capacity-factor", "1.0",
+                      "--modes", "replicate-flat,megatron"])
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    rows = parse_table(result.stdout)
+    assert [r["mode"] for r in rows] == ["replicate-flat", "megatron"] and all(r["wrong"] == 0 for r in rows)
