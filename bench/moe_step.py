@@ -282,17 +282,13 @@ def run_case(variants: list[Variant], x: torch.Tensor, train: bool, args: argpar
 
 
 def sent_per_dispatch(comm: alltoall.Communicator, dispatcher: str, layer: alltoall.MoE,
-                      x: torch.Tensor) -> dict[str, float] | None:
+                      x: torch.Tensor) -> dict[str, float]:
     """Rows and bytes this rank sends to other ranks in one dispatch of
     ``x`` with ``layer``'s routing, from a probe ExpertDispatcher's exact
     counters (intra- and inter-node), averaged over the ranks. Collective.
-    None without ``alltoall.ExpertDispatcher``."""
-    try:
-        from alltoall.ops.expert_dispatcher import ExpertDispatcher
-    except ImportError:
-        return None
+    """
     mode, algorithm = _mode_and_algorithm(dispatcher)
-    probe = ExpertDispatcher(comm, layer.num_experts, mode=mode, algorithm=algorithm)
+    probe = alltoall.ExpertDispatcher(comm, layer.num_experts, mode=mode, algorithm=algorithm, k=layer.k)
     with torch.no_grad():
         gate = layer.gate(x.detach(), layer.capacity(x.shape[0]))
         _, handle = probe.dispatch(x.detach(), kept_expert_index(gate), gate.weights.to(x.dtype))

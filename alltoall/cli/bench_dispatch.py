@@ -178,8 +178,6 @@ def _timed(iters: int, step, *args) -> float:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
-    from alltoall.ops.expert_dispatcher import ExpertDispatcher
-
     torch.set_num_threads(1)
     comm = alltoall.Communicator(local_size=args.local_size)
     world = comm.size
@@ -204,7 +202,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
             dispatchers[m] = MegatronDispatch(args.experts, args.k, args.hidden, args.capacity_factor)
             continue
         mode, algorithm = ("replicate", m.split("-", 1)[1]) if m.startswith("replicate-") else (m, "auto")
-        dispatchers[m] = ExpertDispatcher(comm, args.experts, mode=mode, algorithm=algorithm, k=args.k)
+        dispatchers[m] = alltoall.ExpertDispatcher(comm, args.experts, mode=mode, algorithm=algorithm, k=args.k)
     rows: list[Row] = []
     for tokens in args.tokens:
         index, weights = _routing(args, comm, tokens)

@@ -24,6 +24,7 @@ from torch.profiler import record_function
 from alltoall.moe.exchange import EXPERTS_EVENT
 from alltoall.moe.experts import LocalExperts
 from alltoall.moe.gate import GateOutput
+from alltoall.ops import ExpertDispatcher
 
 DISPATCHERS = ("auto", "dedup", "replicate")
 
@@ -50,7 +51,7 @@ class DispatchedExperts:
         overlap_degree: N >= 1 token chunks (see the module's docstring).
     """
 
-    def __init__(self, dispatcher, overlap_degree: int = 1) -> None:
+    def __init__(self, dispatcher: ExpertDispatcher, overlap_degree: int = 1) -> None:
         self.dispatcher = dispatcher
         self.overlap_degree = overlap_degree
 

@@ -16,7 +16,7 @@ from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_fee
 from alltoall.moe.gate import TopKGate, expert_capacity
 from alltoall.moe.node_limited import expert_nodes
 from alltoall.moe.pipeline import check_overlap_degree
-from alltoall.ops import Communicator, ParallelGroups
+from alltoall.ops import Communicator, ExpertDispatcher, ParallelGroups
 
 
 class MoE(nn.Module):
@@ -226,12 +226,6 @@ def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_exper
     """The ExpertDispatcher path, or None for the replicate path (also when
     "auto" resolves to replicate, and on one process, where nothing moves)."""
     if mode == "replicate" or comm is None:
-        return None
-    try:
-        from alltoall.ops.expert_dispatcher import ExpertDispatcher
-    except ImportError:
-        if mode == "dedup":
-            raise ValueError("dispatcher='dedup' needs alltoall.ExpertDispatcher, which this build lacks") from None
         return None
     dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k)
     return DispatchedExperts(dispatcher, overlap_degree) if dispatcher.mode == "dedup" else None

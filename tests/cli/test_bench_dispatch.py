@@ -16,9 +16,6 @@ from alltoall.cli.bench_routing import drawn_scores
 from alltoall.moe.dispatch import route
 from tests.cli.test_bench_cli import run_cli
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("alltoall.ops.expert_dispatcher") is None,
-                                reason="alltoall.ExpertDispatcher is not in this build (issue 20, section 1)")
-
 WORLD, LOCAL, EXPERTS, K, SEED = 4, 2, 8, 4, 3
 TOKENS = (16, 40)
 

@@ -6,7 +6,6 @@ nodes."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import pytest
@@ -17,12 +16,6 @@ from alltoall.moe import MoE
 from tests.harness.moe_checks import HIDDEN, check_against_reference
 
 FFN = 10
-HAVE_DISPATCHER = importlib.util.find_spec("alltoall.ops.expert_dispatcher") is not None
-
-
-def _needs_dispatcher(dispatcher: str) -> None:
-    if dispatcher != "replicate" and not HAVE_DISPATCHER:
-        pytest.skip("alltoall.ExpertDispatcher is not in this build (issue 20, section 1)")
 
 
 def _expert_parallel(local_size: int, dispatcher: str) -> tuple[int, bool, list[str]]:
@@ -45,7 +38,6 @@ def _expert_parallel(local_size: int, dispatcher: str) -> tuple[int, bool, list[
 @pytest.mark.parametrize("dispatcher", ["replicate", "dedup", "auto"])
 @pytest.mark.parametrize("world,local_size", [(4, 2), (8, 4)])
 def test_each_dispatcher_matches_the_dense_reference(worlds, world, local_size, dispatcher):
-    _needs_dispatcher(dispatcher)
     results = worlds.run(world, _expert_parallel, local_size, dispatcher, deadline_s=400)
     assert all(checked == 12 for checked, _, _ in results)
     assert any(dropped for _, dropped, _ in results), "no configuration dropped a token"
@@ -71,7 +63,6 @@ def _tensor_parallel(dispatcher: str) -> set[str]:
 
 @pytest.mark.parametrize("dispatcher", ["replicate", "dedup"])
 def test_tensor_parallel_with_each_dispatcher(worlds, dispatcher):
-    _needs_dispatcher(dispatcher)
     results = worlds.run(4, _tensor_parallel, dispatcher, deadline_s=300)
     assert all(modes == {dispatcher} for modes in results)
 
