@@ -11,6 +11,7 @@ Exit status: 0, or 3 when any element was wrong (1 on errors, 2 on bad flags).
   mpiexec -n 4 python -m alltoall.bench --algorithms flat,torch,mpi
   alltoall-bench --nprocs 8 --local-size 4 --backend alltoall --algorithms torch,auto
   alltoall-bench --nprocs 8 --calibrate          # fit a cost profile for "auto"
+  alltoall-bench dispatch --nprocs 8 --local-size 4 -S 512 -M 512 -k 8 -E 64   # the expert dispatcher
 
 With a cost profile (--profile, ALLTOALL_PROFILE, or the file --calibrate
 writes), a model section follows the tables: predicted against measured
@@ -156,6 +157,10 @@ def _check_world(parser: argparse.ArgumentParser, args: argparse.Namespace, worl
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dispatch"]:
+        from alltoall.cli import bench_dispatch
+
+        return bench_dispatch.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plot and not _have_matplotlib():

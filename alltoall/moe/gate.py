@@ -4,12 +4,14 @@ weights and the auxiliary losses (load balancing, router z-loss)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from alltoall.moe.dispatch import Routing, route
+from alltoall.moe.node_limited import check_node_map, limit_logits
 
 
 def expert_capacity(tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -66,6 +68,14 @@ class TopKGate(nn.Module):
             any dropping). Default: True for k > 1 (GShard), False for k = 1
             (Switch: the weight is the softmax probability).
         z_loss_coef: weight of the router z-loss inside ``aux_loss``; 0 disables it.
+        max_nodes: node-limited routing (DeepSeek-V3): each token takes its k
+            experts among the experts of its ``max_nodes`` best nodes, a
+            node's score being the sum of its ``max(1, k // max_nodes)``
+            highest softmax probabilities (``alltoall.moe.node_limited``).
+            None, or at least the number of nodes: plain top-k, bit for bit.
+        expert_node: ``[E]`` the node id (0 .. n-1) of every expert; needed
+            with ``max_nodes``. ``alltoall.moe.node_limited.expert_nodes``
+            builds it from a Communicator.
 
     The logits are computed in float32 (float64 for float64 input), whatever
     the activations' dtype, as DeepSpeed does.
@@ -79,6 +89,8 @@ class TopKGate(nn.Module):
         *,
         normalize_weights: bool | None = None,
         z_loss_coef: float = 0.0,
+        max_nodes: int | None = None,
+        expert_node: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -91,6 +103,11 @@ class TopKGate(nn.Module):
         self.k = k
         self.normalize_weights = k > 1 if normalize_weights is None else normalize_weights
         self.z_loss_coef = z_loss_coef
+        if max_nodes is not None and expert_node is None:
+            raise ValueError(f"max_nodes={max_nodes} needs expert_node, the node of every expert")
+        self.max_nodes = max_nodes
+        # A plain tensor, not a buffer: it describes the placement, not the model, so it stays out of state_dict.
+        self.expert_node = None if expert_node is None else check_node_map(expert_node, num_experts, k, max_nodes)
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,11 +115,19 @@ class TopKGate(nn.Module):
         dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.wg.weight.dtype)
         return nn.functional.linear(x.to(dtype), self.wg.weight.to(dtype))
 
+    def choice_scores(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``[S, E]`` scores whose top-k (larger first, the lower expert among
+        equals) are the chosen experts: the logits, with the experts outside
+        a token's ``max_nodes`` best nodes at -inf. A subclass may choose
+        otherwise (the benchmarks draw the routing); the weights and losses
+        still come from ``probs``."""
+        return limit_logits(logits, probs, self.expert_node, self.k, self.max_nodes)
+
     def forward(self, x: torch.Tensor, capacity: int | None) -> GateOutput:
         """Gates tokens ``x`` ``[S, M]``; ``capacity`` None means dropless."""
         logits = self.logits(x)
-        routing = route(logits, self.k, capacity)
         probs = torch.softmax(logits, dim=1)
+        routing = route(self.choice_scores(logits, probs), self.k, capacity)
         weights = probs.gather(1, routing.expert_index)
         if self.normalize_weights:
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)

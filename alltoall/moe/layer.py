@@ -10,11 +10,13 @@ import torch.distributed as dist
 from torch import nn
 
 from alltoall.moe.dispatch import combine, dispatch
+from alltoall.moe.dispatched import DispatchedExperts, check_dispatcher
 from alltoall.moe.exchange import ExpertExchange
 from alltoall.moe.experts import FeedForward, LocalExperts, replicas, seeded_feed_forwards
 from alltoall.moe.gate import TopKGate, expert_capacity
+from alltoall.moe.node_limited import expert_nodes
 from alltoall.moe.pipeline import check_overlap_degree
-from alltoall.ops import Communicator, ParallelGroups
+from alltoall.ops import Communicator, ExpertDispatcher, ParallelGroups
 
 
 class MoE(nn.Module):
@@ -55,6 +57,18 @@ class MoE(nn.Module):
             is not initialised).
         algorithm: "auto", "flat" or "hierarchical" for every exchange.
         normalize_weights, router_z_loss_coef: see ``TopKGate``.
+        max_nodes: node-limited routing (DeepSeek-V3): each token's k experts
+            lie on at most this many nodes of the EP group (the
+            Communicator's topology nodes; emulated nodes count). None, or at
+            least the number of nodes: plain top-k. See ``TopKGate``.
+        dispatcher: how rows reach the experts. "replicate": the expert-major
+            exchange, one row per (token, expert), flat or hierarchical by
+            ``algorithm``, with the overlap pipeline. "dedup": through
+            ``alltoall.ExpertDispatcher``, a token crossing the network once
+            per destination node and reaching each destination rank once.
+            "auto" (default): the ExpertDispatcher's rule, from the topology
+            and k, identical on every rank; when it picks replicate, the
+            replicate path above runs. One process: no exchange at all.
         timeout: bound on every exchange's waits (the Communicator's default if None).
         overlap_degree: N >= 1. Above 1 the rows go through the experts in N
             chunks (along capacity, or by counts when dropless): chunk i+1's
@@ -99,6 +113,8 @@ class MoE(nn.Module):
         timeout: timedelta | float | None = None,
         check_tokens: bool = False,
         overlap_degree: int = 1,
+        max_nodes: int | None = None,
+        dispatcher: str = "auto",
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -122,10 +138,14 @@ class MoE(nn.Module):
         self.use_residual = use_residual
         self.check_tokens = check_tokens
 
-        self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
-                             z_loss_coef=router_z_loss_coef)
         comm = None if groups is not None else _ep_communicator(ep_group, timeout)
+        ep_comm = groups.ep_comm if groups is not None else comm
+        node_map = expert_nodes(ep_comm, num_experts) if max_nodes is not None else None
+        self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
+                             z_loss_coef=router_z_loss_coef, max_nodes=max_nodes, expert_node=node_map)
         self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
+        self.dispatched = _dispatched(check_dispatcher(dispatcher), groups if groups is not None else comm,
+                                      num_experts, k, algorithm, self.exchange.overlap_degree)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
@@ -152,6 +172,13 @@ class MoE(nn.Module):
     @overlap_degree.setter
     def overlap_degree(self, value: int) -> None:
         self.exchange.overlap_degree = check_overlap_degree(value)
+        if self.dispatched is not None:
+            self.dispatched.overlap_degree = self.exchange.overlap_degree
+
+    @property
+    def dispatcher_mode(self) -> str:
+        """The dispatcher that runs: "dedup" or "replicate" (the same on every rank)."""
+        return "replicate" if self.dispatched is None else self.dispatched.mode
 
     @property
     def ep_size(self) -> int:
@@ -175,10 +202,13 @@ class MoE(nn.Module):
         if self.drop_tokens and self.check_tokens:
             self.exchange.check_equal_tokens(tokens.shape[0], tokens.device)
         gate = self.gate(tokens, self.capacity(tokens.shape[0]))
-        step = self.exchange.step(gate.routing, self.experts)
-        rows = dispatch(tokens, step.routing)
-        rows = step.run(rows)
-        out = combine(rows, step.routing, gate.weights.to(rows.dtype))
+        if self.dispatched is not None:
+            out = self.dispatched.run(tokens, gate, self.experts)
+        else:
+            step = self.exchange.step(gate.routing, self.experts)
+            rows = dispatch(tokens, step.routing)
+            rows = step.run(rows)
+            out = combine(rows, step.routing, gate.weights.to(rows.dtype))
         if self.use_residual:
             mix = torch.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
@@ -189,6 +219,16 @@ def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     total = grad.clone()
     dist.all_reduce(total, group=group)
     return total
+
+
+def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, k: int, algorithm: str,
+                overlap_degree: int) -> DispatchedExperts | None:
+    """The ExpertDispatcher path, or None for the replicate path (also when
+    "auto" resolves to replicate, and on one process, where nothing moves)."""
+    if mode == "replicate" or comm is None:
+        return None
+    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k)
+    return DispatchedExperts(dispatcher, overlap_degree) if dispatcher.mode == "dedup" else None
 
 
 def _ep_communicator(ep_group: dist.ProcessGroup | Communicator | None,

@@ -13,13 +13,43 @@ import torch
 from torch import nn
 
 
-def reference_route(logits: torch.Tensor, k: int, capacity: int | None) -> tuple[torch.Tensor, ...]:
+def reference_node_limited_top_k(logits: torch.Tensor, k: int, expert_node: Sequence[int],
+                                 max_nodes: int) -> torch.Tensor:
+    """``[S, k]`` experts under DeepSeek-V3's node-limited rule, token by
+    token in plain Python (alltoall/moe/node_limited.py states the rule):
+    node score = sum of its ``max(1, k // max_nodes)`` best softmax
+    probabilities, the ``max_nodes`` best nodes (lower id among equals), then
+    the k best logits among their experts (lower expert among equals)."""
+    probs = torch.softmax(logits, dim=1)
+    nodes = sorted(set(int(n) for n in expert_node))
+    per_node = max(1, k // max_nodes)
+    chosen = []
+    for s in range(logits.shape[0]):
+        row = [float(v) for v in probs[s]]
+        score = {}
+        for n in nodes:
+            best = sorted((row[e] for e in range(len(row)) if expert_node[e] == n), reverse=True)[:per_node]
+            total = 0.0
+            for value in best:
+                total += value
+            score[n] = total
+        kept = sorted(nodes, key=lambda n: (-score[n], n))[:max_nodes]
+        candidates = [e for e in range(len(row)) if expert_node[e] in kept]
+        candidates.sort(key=lambda e: (-float(logits[s, e]), e))
+        chosen.append(candidates[:k])
+    return torch.tensor(chosen, dtype=torch.int64).reshape(logits.shape[0], k)
+
+
+def reference_route(logits: torch.Tensor, k: int, capacity: int | None,
+                    expert_index: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``(expert_index [S, k], dest_row [S, k], source [R], counts [E])`` as
     ``torch.ops.alltoall.moe_route`` documents them, by walking the
-    assignments in priority order (choice, then token)."""
+    assignments in priority order (choice, then token). ``expert_index``
+    given: those choices instead of the plain top-k (node-limited routing)."""
     tokens, experts = logits.shape
-    # A stable descending sort keeps the lower expert first among equal logits.
-    expert_index = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
+    if expert_index is None:
+        # A stable descending sort keeps the lower expert first among equal logits.
+        expert_index = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
     counts = torch.bincount(expert_index.reshape(-1), minlength=experts)
     if capacity is None:
         base = [int(v) for v in torch.cumsum(counts, 0) - counts]
@@ -75,11 +105,14 @@ class ReferenceMoE(nn.Module):
         normalize_weights: None means k > 1, as in ``TopKGate``.
         z_loss_coef: weight of the z-loss inside aux.
         mlp, coefficient: the PR-MoE residual MLP and its 2-way mixer, or None.
+        expert_node, max_nodes: node-limited routing (``reference_node_limited_top_k``);
+            None: plain top-k.
     """
 
     def __init__(self, gate_weight: torch.Tensor, experts: Sequence[nn.Module], k: int, capacity: int | None, *,
                  normalize_weights: bool | None = None, z_loss_coef: float = 0.0,
-                 mlp: nn.Module | None = None, coefficient: nn.Module | None = None) -> None:
+                 mlp: nn.Module | None = None, coefficient: nn.Module | None = None,
+                 expert_node: Sequence[int] | None = None, max_nodes: int | None = None) -> None:
         super().__init__()
         self.gate_weight = nn.Parameter(gate_weight.detach().clone())
         self.experts = nn.ModuleList(experts)
@@ -89,6 +122,8 @@ class ReferenceMoE(nn.Module):
         self.z_loss_coef = z_loss_coef
         self.mlp = mlp
         self.coefficient = coefficient
+        self.expert_node = None if expert_node is None else [int(n) for n in expert_node]
+        self.max_nodes = max_nodes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[S, M] -> (output [S, M], aux_loss, counts [E])``."""
@@ -96,7 +131,10 @@ class ReferenceMoE(nn.Module):
         dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.gate_weight.dtype)
         logits = x.to(dtype) @ self.gate_weight.to(dtype).t()
         probs = torch.softmax(logits, dim=1)
-        expert_index, dest_row, _, counts = reference_route(logits.detach(), self.k, self.capacity)
+        chosen = None
+        if self.max_nodes is not None and self.expert_node is not None and tokens:
+            chosen = reference_node_limited_top_k(logits.detach(), self.k, self.expert_node, self.max_nodes)
+        expert_index, dest_row, _, counts = reference_route(logits.detach(), self.k, self.capacity, chosen)
         weights = probs.gather(1, expert_index)
         if self.normalize_weights:
             weights = weights / weights.sum(dim=1, keepdim=True)

@@ -26,7 +26,8 @@ def _layer_matches_reference(local_size: int) -> tuple[int, bool]:
     for drop, k, algorithm in itertools.product([True, False], [1, 2, 4], ["flat", "hierarchical"]):
         torch.manual_seed(10 * k + drop)  # the same replicated weights on every rank
         layer = MoE(HIDDEN, num_experts=num_experts, k=k, ffn_hidden_size=FFN, drop_tokens=drop, min_capacity=1,
-                    use_residual=k == 2, router_z_loss_coef=0.01, ep_group=comm, algorithm=algorithm).double()
+                    use_residual=k == 2, router_z_loss_coef=0.01, ep_group=comm, algorithm=algorithm,
+                    dispatcher="replicate").double()  # the dedup path: test_moe_dispatchers.py
         # Capacity needs equal token counts; dropless also takes uneven ones, and none at all on the last rank.
         tokens_of = [12] * world if drop else [3 + 4 * r for r in range(world - 1)] + [0 if world > 1 else 5]
         dropped |= check_against_reference(layer, None, tokens_of, seed=checked)
@@ -48,7 +49,8 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> tuple[int,
     for drop, k, algorithm in itertools.product([True, False], [1, 2], ["flat", "hierarchical"]):
         torch.manual_seed(20 * k + drop)  # the same replicated weights on every rank
         layer = MoE(HIDDEN, num_experts=num_experts, k=k, ffn_hidden_size=FFN, drop_tokens=drop, min_capacity=1,
-                    use_residual=k == 2, router_z_loss_coef=0.01, groups=groups, algorithm=algorithm).double()
+                    use_residual=k == 2, router_z_loss_coef=0.01, groups=groups, algorithm=algorithm,
+                    dispatcher="replicate").double()
         assert layer.ep_size == ep
         assert list(layer.experts.global_indices) == [2 * groups.ep_rank, 2 * groups.ep_rank + 1]
         # One batch per TP group (its ranks hold it replicated), uneven when dropless.

@@ -80,7 +80,7 @@ def _expert_parallel(local_size: int) -> int:
         def make(degree: int, k: int = k, drop: bool = drop, algorithm: str = algorithm) -> MoE:
             torch.manual_seed(30 + 2 * k + drop)
             return MoE(HIDDEN, RowWise(HIDDEN), num_experts=2 * world, k=k, drop_tokens=drop, min_capacity=1,
-                       ep_group=comm, algorithm=algorithm, overlap_degree=degree).double()
+                       ep_group=comm, algorithm=algorithm, overlap_degree=degree, dispatcher="replicate").double()
 
         x = rank_input(rank, tokens_of[rank], (HIDDEN,), torch.float64, checked)
         probe = rank_input(rank, tokens_of[rank], (HIDDEN,), torch.float64, checked + 1)
@@ -88,7 +88,8 @@ def _expert_parallel(local_size: int) -> int:
         for degree in (2, 3, 4):  # FeedForward experts against the dense reference
             torch.manual_seed(40 + 2 * k + drop)
             layer = MoE(HIDDEN, num_experts=2 * world, k=k, ffn_hidden_size=FFN, drop_tokens=drop, min_capacity=1,
-                        use_residual=k == 2, ep_group=comm, algorithm=algorithm, overlap_degree=degree).double()
+                        use_residual=k == 2, ep_group=comm, algorithm=algorithm, overlap_degree=degree,
+                        dispatcher="replicate").double()
             check_against_reference(layer, None, tokens_of, seed=checked + degree)
             checked += 1
     return checked
@@ -109,7 +110,7 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> int:
         def make(degree: int, drop: bool = drop, algorithm: str = algorithm) -> MoE:
             torch.manual_seed(50 + drop)
             return MoE(HIDDEN, RowWise(HIDDEN), num_experts=2 * ep, k=2, drop_tokens=drop, min_capacity=1,
-                       groups=groups, algorithm=algorithm, overlap_degree=degree).double()
+                       groups=groups, algorithm=algorithm, overlap_degree=degree, dispatcher="replicate").double()
 
         # TP ranks hold the same tokens: seeded by the EP coordinate.
         x_seed = 1000 * groups.dp_rank + checked
@@ -119,7 +120,7 @@ def _tensor_and_expert_parallel(tp: int, ep: int, local_size: int) -> int:
         for degree in (2, 4):
             torch.manual_seed(60 + drop)
             layer = MoE(HIDDEN, num_experts=2 * ep, k=2, ffn_hidden_size=FFN, drop_tokens=drop, min_capacity=1,
-                        groups=groups, algorithm=algorithm, overlap_degree=degree).double()
+                        groups=groups, algorithm=algorithm, overlap_degree=degree, dispatcher="replicate").double()
             check_against_reference(layer, groups.ep_group, tokens_of, 100 * groups.dp_rank + checked,
                                     me=groups.ep_rank)
             checked += 1

@@ -31,6 +31,8 @@ def reference_like(layer: MoE, experts: Sequence[nn.Module], tokens: int) -> Ref
         z_loss_coef=layer.gate.z_loss_coef,
         mlp=copy.deepcopy(layer.mlp) if residual else None,
         coefficient=copy.deepcopy(layer.coefficient) if residual else None,
+        expert_node=None if layer.gate.expert_node is None else layer.gate.expert_node.tolist(),
+        max_nodes=layer.gate.max_nodes,
     )
 
 
