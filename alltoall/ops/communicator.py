@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import autograd, consistency, selection, traceable, validation
+from alltoall.ops import autograd, consistency, selection, traceable, validation, wire
 from alltoall.ops.work import Work
 from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
@@ -254,7 +254,7 @@ class Communicator:
         return consistency.agree(name, self.group, x, validate, self.rank_order)
 
     def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
-                   async_op: bool = False) -> torch.Tensor | Work:
+                   async_op: bool = False, wire_dtype: torch.dtype | None = None) -> torch.Tensor | Work:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
@@ -265,6 +265,13 @@ class Communicator:
             async_op: queue the exchange on this Communicator's progress
                 thread and return a ``Work`` at once; its ``wait()`` returns
                 the tensor below (see alltoall.ops.work).
+            wire_dtype: carry the rows in a low-precision format and return
+                x's dtype: None (x's own), torch.bfloat16 or
+                torch.float8_e4m3fn (per token and 128-channel block scales,
+                packed with the rows; see alltoall.ops.wire and docs/api.md
+                for the rounding error). The backward carries the gradient
+                in bfloat16 for a bfloat16 wire, in x's dtype for FP8.
+                Not with async_op.
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
@@ -273,6 +280,10 @@ class Communicator:
             ``torch.ops.alltoall.exchange_equal`` (check is then not run;
             async_op is not supported there).
         """
+        if wire_dtype is not None:
+            self._check_wire(x, wire_dtype, async_op, "all_to_all")
+            move = lambda t: self.all_to_all(t, algorithm, check=check)  # noqa: E731
+            return wire.low_precision(move, move, x, wire_dtype, _grad_wire_dtype(wire_dtype))
         if torch.compiler.is_compiling():
             if async_op:
                 raise ValueError("all_to_all(async_op=True) cannot be compiled; call it outside torch.compile")
@@ -301,6 +312,7 @@ class Communicator:
         *,
         check: bool | None = None,
         async_op: bool = False,
+        wire_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[int]] | Work:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
@@ -317,11 +329,29 @@ class Communicator:
                 input_splits[d] equals what rank d expects, and that dtypes and
                 trailing shapes agree (default: ``ALLTOALL_CHECK``).
             async_op: return a ``Work`` whose ``wait()`` gives what is below.
+            wire_dtype: as for ``all_to_all``.
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
             ``(output, output_splits)``.
         """
+        if wire_dtype is not None:
+            self._check_wire(x, wire_dtype, async_op, "all_to_all_v")
+            received: list[list[int]] = []
+
+            def forward(t: torch.Tensor) -> torch.Tensor:
+                out = self.all_to_all_v(t, input_splits, output_splits, algorithm, check=check)
+                if output_splits is not None:
+                    return out
+                received.append(out[1])
+                return out[0]
+
+            def backward(g: torch.Tensor) -> torch.Tensor:
+                splits = output_splits if output_splits is not None else received[0]
+                return self.all_to_all_v(g, splits, input_splits, algorithm, check=check)
+
+            out = wire.low_precision(forward, backward, x, wire_dtype, _grad_wire_dtype(wire_dtype))
+            return out if output_splits is not None else (out, received[0])
 
         def validate() -> consistency.Validated:
             validation.check_tensor(x, "all_to_all_v")
@@ -338,3 +368,17 @@ class Communicator:
                                                with_splits=output_splits is None)
         out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received)
+
+    @staticmethod
+    def _check_wire(x: torch.Tensor, wire_dtype: object, async_op: bool, op: str) -> None:
+        wire.check_wire_dtype(wire_dtype, op)
+        validation.check_tensor(x, op)
+        wire.check_input(x, wire_dtype, op)  # type: ignore[arg-type]
+        if async_op:
+            raise ValueError(f"{op}: wire_dtype={wire_dtype} cannot be combined with async_op=True")
+
+
+def _grad_wire_dtype(wire_dtype: torch.dtype) -> torch.dtype | None:
+    """The gradient's wire format: bfloat16 stays bfloat16; FP8 gradients
+    travel in the input's dtype (they would need their own scaling)."""
+    return torch.bfloat16 if wire_dtype == torch.bfloat16 else None
