@@ -62,6 +62,13 @@ class MoE(nn.Module):
             return exchange while they compute chunk i+1; the backward is
             pipelined the same way. Results equal N = 1's (exactly for
             experts that compute each row on its own). See docs/moe.md.
+        dispatch_dtype: the wire format of the tokens on their way to the
+            experts: None (their dtype), torch.bfloat16 or
+            torch.float8_e4m3fn (per token and 128-channel block scales).
+        combine_dtype: the experts' outputs on their way back: None or
+            torch.bfloat16. Gradients travel in combine_dtype (None: the
+            input's dtype), never in FP8; the rounding is straight-through.
+            See docs/moe.md ("Low-precision exchanges").
         check_tokens: with ``drop_tokens=True``, all-reduce the local token
             counts before each exchange and raise ValueError on every rank when
             they differ. Without it such a mismatch fails inside the exchange:
@@ -99,6 +106,8 @@ class MoE(nn.Module):
         timeout: timedelta | float | None = None,
         check_tokens: bool = False,
         overlap_degree: int = 1,
+        dispatch_dtype: torch.dtype | None = None,
+        combine_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -125,7 +134,8 @@ class MoE(nn.Module):
         self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
                              z_loss_coef=router_z_loss_coef)
         comm = None if groups is not None else _ep_communicator(ep_group, timeout)
-        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
+        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree,
+                                       dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
