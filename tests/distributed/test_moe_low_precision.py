@@ -21,10 +21,10 @@ HIDDEN = 200  # one full block of 128 channels and a partial one of 72
 WIRES = [(torch.bfloat16, None), (torch.bfloat16, torch.bfloat16), (FP8, None), (FP8, torch.bfloat16)]
 
 
-def make_layer(drop: bool, k: int, dispatch_dtype, combine_dtype, ep_group=None, seed: int = 0) -> alltoall.MoE:
+def make_layer(drop: bool, k: int, dispatch_dtype, combine_dtype, groups=None, seed: int = 0) -> alltoall.MoE:
     torch.manual_seed(seed)  # the same gate on every rank and in both layers
     layer = alltoall.MoE(HIDDEN, nn.Linear(HIDDEN, HIDDEN), num_experts=8, k=k, drop_tokens=drop,
-                         capacity_factor=1.0, min_capacity=1, normalize_weights=False, ep_group=ep_group,
+                         capacity_factor=1.0, min_capacity=1, normalize_weights=False, groups=groups,
                          dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
     # Distinct experts, reproducible from their global index.
     for e, expert in zip(layer.experts.global_indices, layer.experts.experts, strict=True):
@@ -59,11 +59,13 @@ def global_norms(layer: alltoall.MoE) -> tuple[float, float]:
     return sigma, beta
 
 
-def check_layer(drop: bool, k: int, dispatch_dtype, combine_dtype, tokens: int, seed: int) -> float:
+def check_layer(drop: bool, k: int, dispatch_dtype, combine_dtype, tokens: int, seed: int, groups=None) -> float:
     """Returns the largest ratio of an error to its bound (<= 1 asserted)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    reference = make_layer(drop, k, None, None, seed=seed)
-    low = make_layer(drop, k, dispatch_dtype, combine_dtype, seed=seed)
+    if groups is not None:  # the tokens are replicated across each TP group
+        rank = groups.ep_rank + 100 * groups.dp_rank
+    reference = make_layer(drop, k, None, None, groups, seed=seed)
+    low = make_layer(drop, k, dispatch_dtype, combine_dtype, groups, seed=seed)
     x, g = tokens_and_grad(rank, tokens, seed)
     y_ref, dx_ref = run(reference, x, g)
     y, dx = run(low, x, g)
@@ -102,6 +104,21 @@ def _layer_within_bounds(local_size: int) -> int:
 @pytest.mark.parametrize("world,local_size", [(2, 1), (4, 2)])
 def test_layer_within_bounds(worlds, world, local_size):
     assert worlds.run(world, _layer_within_bounds, local_size, deadline_s=300) == [len(CASES)] * world
+
+
+def _tensor_parallel_within_bounds(tp: int, ep: int, local_size: int) -> int:
+    groups = alltoall.ParallelGroups(tp, ep, local_size=local_size)
+    checked = 0
+    for seed, (drop, k, (d, c)) in enumerate(CASES):
+        if k == 1:
+            continue
+        check_layer(drop, k, d, c, tokens=16, seed=seed, groups=groups)
+        checked += 1
+    return checked
+
+
+def test_tensor_parallel_layer_within_bounds(worlds):
+    assert worlds.run(4, _tensor_parallel_within_bounds, 2, 2, 2, deadline_s=300) == [len(CASES) // 2] * 4
 
 
 def bytes_sent(layer: alltoall.MoE) -> int:
