@@ -46,43 +46,80 @@ ALLTOALL_INLINE int64_t packed_row_bytes(int64_t cols) { return cols + 4 * quant
 
 ALLTOALL_INLINE bool is_nan(float v) { return v != v; }
 
-// max(a, b) that keeps a NaN from either side, so a NaN anywhere in a block
-// reaches its scale whatever the order of the reduction.
-ALLTOALL_INLINE float nan_max(float a, float b) { return (is_nan(a) || a > b) ? a : b; }
+// |v| as its float32 bits, sign cleared. For such bits integer order is
+// float order, and every NaN is above +inf, so the integer maximum of a
+// block is its amax, NaN if any value is NaN, whatever the order of the
+// reduction. Integer max also vectorises on the CPU, and -0 counts as +0.
+ALLTOALL_INLINE uint32_t abs_bits(float v) { return c10::detail::fp32_to_bits(v) & 0x7FFFFFFFu; }
 
-// |v| by clearing the sign bit, so -0 gives +0 (and the scale of a block of
-// -0 is +0, as torch.abs gives).
-ALLTOALL_INLINE float abs_bits(float v) { return c10::detail::fp32_from_bits(c10::detail::fp32_to_bits(v) & 0x7FFFFFFFu); }
+ALLTOALL_INLINE uint32_t max_bits(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
-// The part of a block's amax over channels lane, lane + lanes, ... of n.
-// |inf| = inf passes through; NaN is kept by nan_max.
+// The part of a block's amax (as abs_bits) over channels lane, lane +
+// lanes, ... of n. One lane (the CPU) takes a unit-stride loop.
 template <typename T>
-ALLTOALL_INLINE float block_amax_part(const T* x, int64_t n, int64_t lane, int64_t lanes) {
-  float amax = 0.0f;
-  for (int64_t m = lane; m < n; m += lanes) amax = nan_max(amax, abs_bits(static_cast<float>(x[m])));
+ALLTOALL_INLINE uint32_t block_amax_part(const T* x, int64_t n, int64_t lane, int64_t lanes) {
+  uint32_t amax = 0;
+  if (lanes == 1) {
+    for (int64_t m = 0; m < n; ++m) amax = max_bits(amax, abs_bits(static_cast<float>(x[m])));
+  } else {
+    for (int64_t m = lane; m < n; m += lanes) amax = max_bits(amax, abs_bits(static_cast<float>(x[m])));
+  }
   return amax;
 }
 
-// The block's scale from its amax: NaN when the block holds NaN or inf.
-ALLTOALL_INLINE float block_scale(float amax) {
-  if (is_nan(amax) || c10::detail::fp32_to_bits(amax) == 0x7F800000u) return c10::detail::fp32_from_bits(0x7FC00000u);
-  return amax / kFp8Max;
+// The block's scale from its amax bits: NaN when the block holds NaN or inf.
+ALLTOALL_INLINE float block_scale(uint32_t amax_bits) {
+  if (amax_bits >= 0x7F800000u) return c10::detail::fp32_from_bits(0x7FC00000u);
+  return c10::detail::fp32_from_bits(amax_bits) / kFp8Max;
+}
+
+// e4m3fn bits of q, rounded to nearest even, for |q| <= 448 or NaN: the
+// arithmetic of c10::detail::fp8e4m3fn_from_fp32_value without its
+// overflow branch (the caller has clamped), and with both the normal and
+// the denormal candidate computed and one selected, so a CPU loop of it
+// vectorises (it runs at memory speed instead of a branch per value).
+ALLTOALL_INLINE uint8_t fp8_bits_of_clamped(float q) {
+  const uint32_t all = c10::detail::fp32_to_bits(q);
+  const uint32_t sign = all & 0x80000000u;
+  const uint32_t bits = all ^ sign;
+  // Normal e4m3 (|q| >= 2^-6): rebias the exponent (127 -> 7) and round
+  // the 23-bit mantissa to 3 bits, ties to even.
+  const uint32_t normal = (bits + ((7u - 127u) << 23) + 0x7FFFFu + ((bits >> 20) & 1u)) >> 20;
+  // Denormal e4m3: adding 2^-6 * 2^3 (as a float) rounds the value to a
+  // multiple of 2^-9 in float32's own round-to-nearest-even, and leaves
+  // the e4m3 mantissa in the low bits.
+  constexpr uint32_t kDenormMagic = 141u << 23;
+  const uint32_t denormal =
+      c10::detail::fp32_to_bits(c10::detail::fp32_from_bits(bits) + c10::detail::fp32_from_bits(kDenormMagic)) -
+      kDenormMagic;
+  const uint32_t magnitude = bits > 0x7F800000u ? 0x7Fu : (bits >= (121u << 23) ? normal : denormal);
+  return static_cast<uint8_t>(magnitude | (sign >> 24));
 }
 
 // One value as e4m3fn bits. Division (not a multiply by 1 / s) so the
 // quotient is one correctly rounded operation on every device. A NaN scale
 // gives NaN; the comparisons leave a NaN quotient unclamped.
 ALLTOALL_INLINE uint8_t fp8_encode(float v, float scale) {
-  if (scale == 0.0f) return 0;
-  float q = v / scale;
-  if (q > kFp8Max) q = kFp8Max;
-  if (q < -kFp8Max) q = -kFp8Max;
-  return c10::detail::fp8e4m3fn_from_fp32_value(q);
+  float q = scale == 0.0f ? 0.0f : v / scale;
+  q = q > kFp8Max ? kFp8Max : q;
+  q = q < -kFp8Max ? -kFp8Max : q;
+  return fp8_bits_of_clamped(q);
 }
 
-ALLTOALL_INLINE float fp8_decode(uint8_t bits, float scale) {
-  return c10::detail::fp8e4m3fn_to_fp32_value(bits) * scale;
+// The float32 value of e4m3fn bits (c10::detail::fp8e4m3fn_to_fp32_value's
+// result, NaN payloads aside), without a count of leading zeros, so a CPU
+// loop of it vectorises.
+ALLTOALL_INLINE float fp8_value(uint8_t byte) {
+  const uint32_t mag = byte & 0x7Fu;
+  // Exponent field E > 0: 2^(E-7) (1 + M/8), float32 exponent E + 120.
+  const float normal = c10::detail::fp32_from_bits((mag << 20) + (120u << 23));
+  // E = 0: M * 2^-9, exact in float32.
+  const float denormal = static_cast<float>(mag) * 0.001953125f;
+  const uint32_t value = mag == 0x7Fu ? 0x7FC00000u : c10::detail::fp32_to_bits(mag < 8u ? denormal : normal);
+  return c10::detail::fp32_from_bits(value | (static_cast<uint32_t>(byte & 0x80u) << 24));
 }
+
+ALLTOALL_INLINE float fp8_decode(uint8_t bits, float scale) { return fp8_value(bits) * scale; }
 
 ALLTOALL_INLINE void store_scale(uint8_t* packed_row, int64_t cols, int64_t block, float scale) {
   const uint32_t bits = c10::detail::fp32_to_bits(scale);
@@ -104,8 +141,12 @@ ALLTOALL_INLINE void quantize_block_values(const T* row, uint8_t* packed_row, in
                                            float scale, int64_t lane, int64_t lanes) {
   const int64_t first = block * kQuantBlock;
   const int64_t n = cols - first < kQuantBlock ? cols - first : kQuantBlock;
-  for (int64_t m = lane; m < n; m += lanes) {
-    packed_row[first + m] = fp8_encode(static_cast<float>(row[first + m]), scale);
+  const T* src = row + first;
+  uint8_t* dst = packed_row + first;
+  if (lanes == 1) {
+    for (int64_t m = 0; m < n; ++m) dst[m] = fp8_encode(static_cast<float>(src[m]), scale);
+  } else {
+    for (int64_t m = lane; m < n; m += lanes) dst[m] = fp8_encode(static_cast<float>(src[m]), scale);
   }
 }
 
@@ -116,8 +157,12 @@ ALLTOALL_INLINE void dequantize_block_values(const uint8_t* packed_row, T* row, 
   const float scale = load_scale(packed_row, cols, block);
   const int64_t first = block * kQuantBlock;
   const int64_t n = cols - first < kQuantBlock ? cols - first : kQuantBlock;
-  for (int64_t m = lane; m < n; m += lanes) {
-    row[first + m] = static_cast<T>(fp8_decode(packed_row[first + m], scale));
+  const uint8_t* src = packed_row + first;
+  T* dst = row + first;
+  if (lanes == 1) {
+    for (int64_t m = 0; m < n; ++m) dst[m] = static_cast<T>(fp8_decode(src[m], scale));
+  } else {
+    for (int64_t m = lane; m < n; m += lanes) dst[m] = static_cast<T>(fp8_decode(src[m], scale));
   }
 }
 

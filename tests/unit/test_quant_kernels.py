@@ -179,3 +179,27 @@ def test_bad_arguments_raise_value_errors():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_e4m3_value_decodes_as_torch_does(device):
+    # Packed rows of 128 values with scale 1.0: every byte, both signs.
+    values = torch.arange(256, dtype=torch.int64).to(torch.uint8).view(2, 128)
+    packed = torch.cat([values, torch.ones(2, 1).view(torch.uint8)], dim=1)
+    got = ops.dequantize_fp8(packed.to(device), 128, torch.float32).cpu()
+    assert torch.equal(bits(got), bits(values.view(torch.float8_e4m3fn).float()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sweep_of_float32_encodes_as_torch_does(device):
+    # Rows led by 448, so the scale is exactly 1 and the stored bytes are
+    # e4m3(x) itself: 2^20 float32 bit patterns spread over [0, 448] (normal
+    # and denormal e4m3 ranges, every rounding tie class), both signs.
+    top = 0x43E00000  # 448.0
+    patterns = torch.linspace(0, top, 127 * 8192, dtype=torch.float64).round().to(torch.int64).to(torch.int32)
+    x = patterns.view(torch.float32).view(-1, 127)
+    x = torch.cat([torch.full((x.shape[0], 1), 448.0), x], dim=1)
+    x = torch.cat([x, -x])
+    packed = ops.quantize_fp8(x.to(device)).cpu()
+    assert torch.equal(packed[:, 128:].contiguous().view(torch.float32), torch.ones(x.shape[0], 1))
+    assert torch.equal(packed[:, :128], x.to(torch.float8_e4m3fn).view(torch.uint8))

@@ -36,11 +36,11 @@ __global__ void quantize_kernel(const T* x, uint8_t* packed, int64_t rows, int64
     const int64_t b = u % blocks;
     const int64_t first = b * kQuantBlock;
     const int64_t n = cols - first < kQuantBlock ? cols - first : kQuantBlock;
-    float amax = block_amax_part(x + r * cols + first, n, lane, kWarp);
-    // nan_max keeps a NaN from either side, so the order of the tree does
-    // not matter: every lane ends with the block's amax.
+    uint32_t amax = block_amax_part(x + r * cols + first, n, lane, kWarp);
+    // An integer max of the |x| bits: the order of the tree does not
+    // matter, and every lane ends with the block's amax.
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      amax = max_bits(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
     }
     const float scale = block_scale(amax);
     if (lane == 0) store_scale(packed + r * row_bytes, cols, b, scale);
