@@ -101,6 +101,13 @@ def round_trip(x: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
     return decode(encode(x, wire_dtype), wire_dtype, x)
 
 
+def carried(move: Move, t: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
+    """``decode(move(encode(t)))``, no autograd: one movement of ``t`` in a
+    wire format. For the steps of a movement that sums between its
+    exchanges, so every sum runs in ``t``'s dtype."""
+    return decode(move(encode(t, wire_dtype)), wire_dtype, t)
+
+
 class LowPrecision(torch.autograd.Function):
     """decode(move_forward(encode(x))) with a straight-through backward."""
 

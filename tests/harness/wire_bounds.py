@@ -60,14 +60,23 @@ def dispatch_error(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def bounds(x: torch.Tensor, g: torch.Tensor, sigma: float, beta: float, gate_norm: float, k: int,
-           dispatch_dtype: torch.dtype | None, combine_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token bounds on ``||y_s - y*_s||`` and ``||dx_s - dx*_s||``."""
+           dispatch_dtype: torch.dtype | None, combine_dtype: torch.dtype | None,
+           hops: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token bounds on ``||y_s - y*_s||`` and ``||dx_s - dx*_s||``.
+
+    ``hops``: how many times a combine rounds its partial sums on their way
+    back (1 for an exchange, 2 for the dedup dispatcher's two hops). Each
+    partial sum of a token is at most ``sum_j w_sj ||o_sj||``, so h
+    roundings move the output by at most ``((1 + u_c)^h - 1)`` times that,
+    and the gradient's way through the experts (one rounding out, h back)
+    by ``((1 + u_c)^(h + 1) - 1) sigma ||G_s||``; h = 1 gives the
+    ``2 u_c + u_c^2`` above."""
     d = dispatch_error(x, dispatch_dtype)
     uc = unit(combine_dtype)
     xn, gn = x.double().norm(dim=1), g.double().norm(dim=1)
-    delta = sigma * d + uc * (sigma * (xn + d) + beta)
+    delta = sigma * d + ((1 + uc) ** hops - 1) * (sigma * (xn + d) + beta)
     out = delta + FLOAT32_SLACK * (sigma * xn + beta)
-    grad = sigma * gn * (2 * uc + uc * uc) + gate_norm * math.sqrt(k) * gn * delta
+    grad = sigma * gn * ((1 + uc) ** (hops + 1) - 1) + gate_norm * math.sqrt(k) * gn * delta
     grad = grad + FLOAT32_SLACK * (sigma + gate_norm * math.sqrt(k) * (sigma * xn + beta)) * gn
     return out, grad
 
