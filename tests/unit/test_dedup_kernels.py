@@ -50,3 +50,13 @@ def test_capacity_rule_matches_plain_loop(capacity):
     index = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(20)])
     index[torch.rand(index.shape, generator=g) < 0.2] = -1
     assert torch.equal(keep_by_capacity(index, 8, capacity), reference_keep(index, capacity))
+
+
+@pytest.mark.gpu
+def test_pairs_kernel_on_cuda_matches_cpu():
+    for rows, most, keys in [(0, 3, 2), (37, 6, 4), (5000, 8, 64)]:
+        row_ptr, key = _random_items(rows, rows, most, keys)
+        got = torch.ops.alltoall.dedup_pairs(row_ptr.cuda(), key.cuda(), keys)
+        want = torch.ops.alltoall.dedup_pairs(row_ptr, key, keys)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.cpu(), b)
