@@ -67,6 +67,9 @@ NUM_EXPERTS, K, CAPACITY_FACTOR, MIN_CAPACITY = 16, 2, 1.0, 4
 # i.e. exchange and experts comparable; 128 rows per expert leave 32-row
 # chunks at N=4.
 ACCEPTANCE_SHAPE = "1024x512x256"
+# dispatch_dtype / combine_dtype of alltoall's layer (--dispatch-dtype, --combine-dtype).
+WIRE: dict[str, torch.dtype] = {}
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
 
@@ -141,7 +144,7 @@ def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: tor
           overlap: int, transport: str) -> Variant:
     layer = alltoall.MoE(expert.fc1.in_features, expert, NUM_EXPERTS, k=K, capacity_factor=CAPACITY_FACTOR,
                          eval_capacity_factor=CAPACITY_FACTOR, min_capacity=MIN_CAPACITY, ep_group=comm,
-                         algorithm=algorithm, overlap_degree=overlap)
+                         algorithm=algorithm, overlap_degree=overlap, **WIRE)
     with torch.no_grad():
         layer.gate.wg.weight.copy_(gate_weight)
 
@@ -318,6 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--watchdog", type=float, default=3600.0,
                    help="print every thread's stack and exit if a rank runs longer than this many seconds")
+    p.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], help="alltoall's dispatch wire (with --overlap 1)")
+    p.add_argument("--combine-dtype", choices=["bf16"], help="alltoall's combine wire format (with --overlap 1)")
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--table", help="write the table here too (rank 0)")
     args = p.parse_args(argv)
@@ -331,6 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    WIRE.update({f"{d}_dtype": WIRE_DTYPES[getattr(args, f"{d}_dtype")] for d in ("dispatch", "combine")
+                 if getattr(args, f"{d}_dtype")})
     faulthandler.dump_traceback_later(args.watchdog, exit=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     init_distributed()
