@@ -112,6 +112,31 @@ def test_dispatcher_within_bounds(worlds):
     assert worlds.run(4, _within_bounds, deadline_s=600) == [len(MODES) * 2 * len(WIRES)] * 4
 
 
+def _tensor_parallel_within_bounds() -> int:
+    groups = alltoall.ParallelGroups(2, local_size=2)  # tp 2 x ep 2 on 4 ranks
+    maps, biases = expert_maps()
+    sigma = max(float(torch.linalg.matrix_norm(m.double(), ord=2)) for m in maps)
+    beta = float(biases.double().norm(dim=1).max())
+    x, index, w, probe = inputs(1000 * groups.dp_rank + groups.ep_rank, 24)  # replicated over TP
+    checked = 0
+    for mode in ("dedup", "replicate"):
+        reference = alltoall.ExpertDispatcher(groups, EXPERTS, mode=mode)
+        y_ref, dx_ref, _, _ = step(reference, x, index, w, None, probe, maps, biases)
+        for d, c in WIRES:
+            low = alltoall.ExpertDispatcher(groups, EXPERTS, mode=mode, dispatch_dtype=d, combine_dtype=c)
+            y, dx, _, _ = step(low, x, index, w, None, probe, maps, biases)
+            hops = 2 if low.mode == "dedup" else 1
+            out_bound, grad_bound = wire_bounds.bounds(x, probe, sigma, beta, 0.0, K, d, c, hops)
+            assert ((y.double() - y_ref.double()).norm(dim=1) <= out_bound).all(), f"{mode} {d} {c}: output"
+            assert ((dx.double() - dx_ref.double()).norm(dim=1) <= grad_bound).all(), f"{mode} {d} {c}: x grad"
+            checked += 1
+    return checked
+
+
+def test_tensor_parallel_dispatcher_within_bounds(worlds):
+    assert worlds.run(4, _tensor_parallel_within_bounds, deadline_s=600) == [2 * len(WIRES)] * 4
+
+
 def test_bad_dtypes_raise(worlds):
     worlds.run(2, _bad_dtypes)
 
