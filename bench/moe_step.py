@@ -89,6 +89,8 @@ ACCEPTANCE_SHAPE = "1024x512x256"
 # Issue 20's benchmark: a fine-grained MoE scaled down from DeepSeek-V3 and Qwen3.
 ISSUE20 = {"shape": "512x512x128", "experts": 64, "k": 8}
 DISPATCHERS = ("replicate-flat", "replicate-hierarchical", "dedup", "auto", "deepspeed")
+# --dispatch-dtype / --combine-dtype: the wire formats of alltoall's layer.
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8"
 
 
@@ -172,7 +174,9 @@ def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: tor
     layer = alltoall.MoE(expert.fc1.in_features, expert, args.experts, k=args.k, capacity_factor=CAPACITY_FACTOR,
                          eval_capacity_factor=CAPACITY_FACTOR, min_capacity=MIN_CAPACITY,
                          drop_tokens=not args.dropless, ep_group=comm, algorithm=algorithm, overlap_degree=overlap,
-                         max_nodes=args.max_nodes, dispatcher=mode)
+                         max_nodes=args.max_nodes, dispatcher=mode,
+                         dispatch_dtype=WIRE_DTYPES.get(args.dispatch_dtype),
+                         combine_dtype=WIRE_DTYPES.get(args.combine_dtype))
     with torch.no_grad():
         layer.gate.wg.weight.copy_(gate_weight)
     if scores is not None:
@@ -415,6 +419,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--watchdog", type=float, default=3600.0,
                    help="print every thread's stack and exit if a rank runs longer than this many seconds")
+    p.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], help="alltoall's dispatch wire (with --overlap 1)")
+    p.add_argument("--combine-dtype", choices=["bf16"], help="alltoall's combine wire format (with --overlap 1)")
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--table", help="write the table here too (rank 0)")
     args = p.parse_args(argv)

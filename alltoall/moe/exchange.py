@@ -37,7 +37,7 @@ from torch.profiler import record_function
 from alltoall.moe.dispatch import Routing
 from alltoall.moe.experts import LocalExperts
 from alltoall.moe.pipeline import Pipeline, _chunk_pieces, check_overlap_degree, counts_matrix, transposed
-from alltoall.ops import Communicator, ParallelGroups
+from alltoall.ops import Communicator, ParallelGroups, wire
 from alltoall.ops.coordinated import Chunking
 
 # The profiler event around the experts' forward (bench/moe_timeline.py).
@@ -86,11 +86,22 @@ class ExpertExchange:
         groups: TP x EP groups; with tp > 1 the coordinated exchange runs.
         overlap_degree: N; above 1 the rows go in N chunks whose exchanges
             overlap the experts (alltoall.moe.pipeline).
+        dispatch_dtype, combine_dtype: wire formats of the rows on their way
+            to and from the experts (alltoall.ops.wire; None: the rows'
+            dtype). The rows are rounded even when nothing moves (one EP
+            rank), so the layer computes the same thing at every EP size.
+            Gradients travel in combine_dtype both ways. Not with N > 1.
     """
 
     def __init__(self, comm: Communicator | None, num_experts: int, algorithm: str,
-                 groups: ParallelGroups | None = None, overlap_degree: int = 1) -> None:
+                 groups: ParallelGroups | None = None, overlap_degree: int = 1,
+                 dispatch_dtype: torch.dtype | None = None, combine_dtype: torch.dtype | None = None) -> None:
+        wire.check_wire_dtype(dispatch_dtype, "MoE", "dispatch_dtype")
+        wire.check_wire_dtype(combine_dtype, "MoE", "combine_dtype", allowed=(torch.bfloat16,))
+        self.dispatch_dtype = dispatch_dtype
+        self.combine_dtype = combine_dtype
         self.overlap_degree = check_overlap_degree(overlap_degree)
+        self._check_wire_overlap()
         self.groups = groups if groups is not None and groups.tp > 1 else None
         if groups is not None:
             comm = groups.ep_comm
@@ -127,19 +138,31 @@ class ExpertExchange:
     def to_experts(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """Rows for each EP rank, in rank order, to that rank. ``splits`` is
         (send, receive) rows per rank; None for the equal exchange."""
-        if self.comm is None or self.ep == 1:
-            return x
-        if splits is None:
-            return self.comm.all_to_all(x, self.algorithm)
-        return self.comm.all_to_all_v(x, splits[0], splits[1], self.algorithm)
+        if self.dispatch_dtype is not None or self.combine_dtype is not None:
+            return wire.low_precision(lambda t: self._move(t, splits, True), lambda g: self._move(g, splits, False),
+                                      x, self.dispatch_dtype, self.combine_dtype)
+        return self._move(x, splits, True)
 
     def from_experts(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """The inverse of ``to_experts`` with the same ``splits``."""
+        if self.combine_dtype is not None:
+            return wire.low_precision(lambda t: self._move(t, splits, False), lambda g: self._move(g, splits, True),
+                                      x, self.combine_dtype, self.combine_dtype)
+        return self._move(x, splits, False)
+
+    def _move(self, x: torch.Tensor, splits: tuple[list[int], list[int]] | None, forward: bool) -> torch.Tensor:
+        """The exchange to the experts (forward) or back, of any dtype."""
         if self.comm is None or self.ep == 1:
             return x
         if splits is None:
             return self.comm.all_to_all(x, self.algorithm)
-        return self.comm.all_to_all_v(x, splits[1], splits[0], self.algorithm)
+        send, recv = splits if forward else (splits[1], splits[0])
+        return self.comm.all_to_all_v(x, send, recv, self.algorithm)
+
+    def _check_wire_overlap(self) -> None:
+        if self.overlap_degree > 1 and (self.dispatch_dtype is not None or self.combine_dtype is not None):
+            raise ValueError(f"MoE: overlap_degree={self.overlap_degree} with dispatch_dtype={self.dispatch_dtype} "
+                             f"/ combine_dtype={self.combine_dtype} is not supported; use overlap_degree=1")
 
     # The flow ---------------------------------------------------------------
 
@@ -149,6 +172,7 @@ class ExpertExchange:
         in the pipeline's chunk-major order (``Pipeline.chunk_major``), so its
         chunks are slices of the buffer; dropless, the per-expert counts are
         exchanged here, before the dispatch."""
+        self._check_wire_overlap()
         if self.overlap_degree > 1:
             pipe = self._pipeline(routing, experts)
             return ExpertStep(pipe.chunk_major(routing), pipe.forward)
@@ -212,11 +236,24 @@ class ExpertExchange:
             sent = received = [[routing.capacity] * local for _ in range(ep)]
         full_in = [sum(row) for row in sent]  # rows of this TP group's buffer for each EP rank
         full_out = [sum(row) for row in received]  # rows each EP source sends this TP group
-        arrived = groups.coordinated_all_to_all_v(rows, full_in, full_out, self.algorithm)
         pieces = _chunk_pieces(received, Chunking(tuple(full_out), groups.tp), groups.tp_rank)
+        arriving = [sum(p) for p in pieces]  # rows of this TP rank's chunks from each EP source
+
+        def there(t: torch.Tensor) -> torch.Tensor:
+            return groups.coordinated_all_to_all_v(t, full_in, full_out, self.algorithm)
+
+        def back_again(t: torch.Tensor) -> torch.Tensor:
+            return groups.coordinated_all_to_all_back_v(t, arriving, full_in, self.algorithm)
+
+        if self.dispatch_dtype is not None or self.combine_dtype is not None:
+            arrived = wire.low_precision(there, back_again, rows, self.dispatch_dtype, self.combine_dtype)
+        else:
+            arrived = there(rows)
         per_expert = [sum(pieces[s][e] for s in range(ep)) for e in range(local)]
         with record_function(EXPERTS_EVENT):
             out = experts(transpose_blocks(arrived, pieces), per_expert)
         back = transpose_blocks(out, [[pieces[s][e] for s in range(ep)] for e in range(local)])
-        return groups.coordinated_all_to_all_back_v(back, [sum(p) for p in pieces], full_in, self.algorithm)
+        if self.combine_dtype is not None:
+            return wire.low_precision(back_again, there, back, self.combine_dtype, self.combine_dtype)
+        return back_again(back)
 

@@ -76,6 +76,13 @@ class MoE(nn.Module):
             return exchange while they compute chunk i+1; the backward is
             pipelined the same way. Results equal N = 1's (exactly for
             experts that compute each row on its own). See docs/moe.md.
+        dispatch_dtype: the wire format of the tokens on their way to the
+            experts: None (their dtype), torch.bfloat16 or
+            torch.float8_e4m3fn (per token and 128-channel block scales).
+        combine_dtype: the experts' outputs on their way back: None or
+            torch.bfloat16. Gradients travel in combine_dtype (None: the
+            input's dtype), never in FP8; the rounding is straight-through.
+            See docs/moe.md ("Low-precision exchanges").
         check_tokens: with ``drop_tokens=True``, all-reduce the local token
             counts before each exchange and raise ValueError on every rank when
             they differ. Without it such a mismatch fails inside the exchange:
@@ -115,6 +122,8 @@ class MoE(nn.Module):
         overlap_degree: int = 1,
         max_nodes: int | None = None,
         dispatcher: str = "auto",
+        dispatch_dtype: torch.dtype | None = None,
+        combine_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if (expert is None) == (ffn_hidden_size is None):
@@ -143,9 +152,11 @@ class MoE(nn.Module):
         node_map = expert_nodes(ep_comm, num_experts) if max_nodes is not None else None
         self.gate = TopKGate(hidden_size, num_experts, k, normalize_weights=normalize_weights,
                              z_loss_coef=router_z_loss_coef, max_nodes=max_nodes, expert_node=node_map)
-        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree)
+        self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree,
+                                       dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
         self.dispatched = _dispatched(check_dispatcher(dispatcher), groups if groups is not None else comm,
-                                      num_experts, k, algorithm, self.exchange.overlap_degree)
+                                      num_experts, k, algorithm, self.exchange.overlap_degree,
+                                      dispatch_dtype, combine_dtype)
         local = self.exchange.num_local
         first = self.exchange.rank * local
         # Drawn on every rank whatever the EP size, so the global RNG stays in step.
@@ -222,12 +233,14 @@ def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, k: int, algorithm: str,
-                overlap_degree: int) -> DispatchedExperts | None:
+                overlap_degree: int, dispatch_dtype: torch.dtype | None,
+                combine_dtype: torch.dtype | None) -> DispatchedExperts | None:
     """The ExpertDispatcher path, or None for the replicate path (also when
     "auto" resolves to replicate, and on one process, where nothing moves)."""
     if mode == "replicate" or comm is None:
         return None
-    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k)
+    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k,
+                                  dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
     return DispatchedExperts(dispatcher, overlap_degree) if dispatcher.mode == "dedup" else None
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from alltoall._library import _C
-from alltoall.ops import autograd, consistency, selection, traceable, validation
+from alltoall.ops import autograd, consistency, selection, traceable, validation, wire
 from alltoall.ops.work import Work
 from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
@@ -283,7 +283,7 @@ class Communicator:
         return consistency.agree(name, self.group, x, validate, self.rank_order)
 
     def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
-                   async_op: bool = False) -> torch.Tensor | Work:
+                   async_op: bool = False, wire_dtype: torch.dtype | None = None) -> torch.Tensor | Work:
         """Equal-split all-to-all, identical to ``dist.all_to_all_single``.
 
         Args:
@@ -294,6 +294,13 @@ class Communicator:
             async_op: queue the exchange on this Communicator's progress
                 thread and return a ``Work`` at once; its ``wait()`` returns
                 the tensor below (see alltoall.ops.work).
+            wire_dtype: carry the rows in a low-precision format and return
+                x's dtype: None (x's own), torch.bfloat16 or
+                torch.float8_e4m3fn (per token and 128-channel block scales,
+                packed with the rows; see alltoall.ops.wire and docs/api.md
+                for the rounding error). The backward carries the gradient
+                in bfloat16 for a bfloat16 wire, in x's dtype for FP8.
+                Not with async_op.
 
         Returns:
             ``[p * n, *]``, rows ``[s*n, (s+1)*n)`` from group rank s. Autograd
@@ -302,6 +309,10 @@ class Communicator:
             ``torch.ops.alltoall.exchange_equal`` (check is then not run;
             async_op is not supported there).
         """
+        if wire_dtype is not None:
+            self._check_wire(x, wire_dtype, async_op, "all_to_all")
+            move = lambda t: self.all_to_all(t, algorithm, check=check)  # noqa: E731
+            return wire.low_precision(move, move, x, wire_dtype, _grad_wire_dtype(wire_dtype))
         if not async_op and not torch.compiler.is_compiling():
             try:
                 out = self._call.all_to_all(x, algorithm, check)
@@ -340,6 +351,7 @@ class Communicator:
         *,
         check: bool | None = None,
         async_op: bool = False,
+        wire_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[int]] | Work:
         """Uneven all-to-all, identical to ``dist.all_to_all_single(out, x,
         output_splits, input_splits)``.
@@ -356,11 +368,29 @@ class Communicator:
                 input_splits[d] equals what rank d expects, and that dtypes and
                 trailing shapes agree (default: ``ALLTOALL_CHECK``).
             async_op: return a ``Work`` whose ``wait()`` gives what is below.
+            wire_dtype: as for ``all_to_all``.
 
         Returns:
             ``[sum(output_splits), *]`` when output_splits is given; otherwise
             ``(output, output_splits)``.
         """
+        if wire_dtype is not None:
+            self._check_wire(x, wire_dtype, async_op, "all_to_all_v")
+            received: list[list[int]] = []
+
+            def forward(t: torch.Tensor) -> torch.Tensor:
+                out = self.all_to_all_v(t, input_splits, output_splits, algorithm, check=check)
+                if output_splits is not None:
+                    return out
+                received.append(out[1])
+                return out[0]
+
+            def backward(g: torch.Tensor) -> torch.Tensor:
+                splits = output_splits if output_splits is not None else received[0]
+                return self.all_to_all_v(g, splits, input_splits, algorithm, check=check)
+
+            out = wire.low_precision(forward, backward, x, wire_dtype, _grad_wire_dtype(wire_dtype))
+            return out if output_splits is not None else (out, received[0])
 
         if not async_op:
             try:
@@ -387,6 +417,17 @@ class Communicator:
         Phases over c10d are not affected (gloo offers no abort; NCCL's is
         the process group's own ``abort``). Safe while an exchange runs."""
         abort_transports(self._transports.values(), reason)
+
+    def _check_wire(self, x: torch.Tensor, wire_dtype: object, async_op: bool, op: str) -> None:
+        try:
+            wire.check_wire_dtype(wire_dtype, op)
+            validation.check_tensor(x, op)
+            wire.check_input(x, wire_dtype, op)  # type: ignore[arg-type]
+            if async_op:
+                raise ValueError(f"{op}: wire_dtype={wire_dtype} cannot be combined with async_op=True")
+        except ValueError as error:
+            self._tell_peers(op, error)
+            raise
 
     # Sub-exchangers (the expert dispatcher's hops) ---------------------------
 
@@ -425,3 +466,9 @@ class Communicator:
                 raw = make_plan([0] * len(ref.global_ranks), position, "flat")
                 cache[role] = (_C.Exchanger(raw, [self._transports[key]], self.progress), ref)
         return cache[role]
+
+
+def _grad_wire_dtype(wire_dtype: torch.dtype) -> torch.dtype | None:
+    """The gradient's wire format: bfloat16 stays bfloat16; FP8 gradients
+    travel in the input's dtype (they would need their own scaling)."""
+    return torch.bfloat16 if wire_dtype == torch.bfloat16 else None

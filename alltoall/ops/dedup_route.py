@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alltoall._library import _C
-from alltoall.ops import dispatch_index
+from alltoall.ops import dispatch_index, wire
 
 ITEM_BYTES = 24  # expert id, row within the block, weight (float64 bits)
 
@@ -213,16 +213,20 @@ class DedupRoute:
         h2, _ = exchange(node, relay.index_select(0, self.g2), self.rows2[0], self.rows2[1], what)
         return h2.index_select(0, self.g3)
 
-    def reduce_rows_backward(self, rows: torch.Tensor, what: str = "combine") -> torch.Tensor:
+    def reduce_rows_backward(self, rows: torch.Tensor, what: str = "combine", *,
+                             wire_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The adjoint of ``move_rows_forward``: ``[R, *]`` -> ``[S, *]``, each
         token's sum of the rows of its items. Sums per hop-2 row here, per
-        (token, node) at the relay, and per token at the origin."""
+        (token, node) at the relay, and per token at the origin. With a
+        ``wire_dtype`` each hop carries its partial sums in that format
+        (alltoall.ops.wire) and every sum runs in ``rows``' dtype."""
         rail, node = self.hops
         tail = rows.shape[1:]
         h2 = rows.new_zeros((sum(self.rows2[1]), *tail)).index_add_(0, self.g3, rows)
-        back2, _ = exchange(node, h2, self.rows2[1], self.rows2[0], what)
+        back2 = wire.carried(lambda t: exchange(node, t, self.rows2[1], self.rows2[0], what)[0], h2, wire_dtype)
         relay = rows.new_zeros((self.tokens + self.received1, *tail)).index_add_(0, self.g2, back2)
-        back1, _ = exchange(rail, relay[self.tokens:], self.rows1[1], self.rows1[0], what)
+        back1 = wire.carried(lambda t: exchange(rail, t, self.rows1[1], self.rows1[0], what)[0], relay[self.tokens:],
+                             wire_dtype)
         out = relay[:self.tokens]
         return out.index_add_(0, self.g1, back1) if back1.shape[0] else out
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from alltoall.ops import consistency
+from alltoall.ops import consistency, wire
 from alltoall.ops.communicator import Communicator
 from alltoall.ops.coordinated import Chunking, GatherChunks, TakeChunks
 from alltoall.ops.dedup_route import ITEM_BYTES, CombineRows, DedupRoute, DispatchRows, Hop, ReceivedWeights
@@ -94,8 +94,16 @@ class ExpertDispatcher:
         mode: "auto", "dedup" or "replicate" (module docstring).
         algorithm: replicate's exchange: "auto", "flat" or "hierarchical".
         k: the expected experts per token, for "auto" (default 2).
-        dispatch_dtype, combine_dtype: reserved for low-precision wires
-            (issue 22); None only for now.
+        dispatch_dtype: the tokens' wire format on the way to the experts:
+            None (x's dtype), torch.bfloat16 or torch.float8_e4m3fn (per
+            token and 128-channel block scales packed with each row;
+            alltoall.ops.wire). Encoded once at the origin, decoded to x's
+            dtype by the expert's rank: relays copy the encoded bytes.
+        combine_dtype: the experts' rows on the way back: None or
+            torch.bfloat16. Each hop carries partial sums in it; every sum
+            runs in the rows' dtype. Gradients travel in combine_dtype both
+            ways (None: the input's dtype), never FP8; the rounding is
+            straight-through in the backward.
         check: verify collectively that every rank passes the same E (at
             construction) and the same k and M (at every dispatch); default
             ``ALLTOALL_CHECK``.
@@ -113,9 +121,10 @@ class ExpertDispatcher:
         p = self.comm.size
         if not isinstance(num_experts, int) or num_experts < 1 or num_experts % p:
             raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {p}")
-        if dispatch_dtype is not None or combine_dtype is not None:
-            raise ValueError(f"dispatch_dtype={dispatch_dtype} / combine_dtype={combine_dtype}: low-precision "
-                             "wires are not implemented yet; pass None")
+        wire.check_wire_dtype(dispatch_dtype, "ExpertDispatcher", "dispatch_dtype")
+        wire.check_wire_dtype(combine_dtype, "ExpertDispatcher", "combine_dtype", allowed=(torch.bfloat16,))
+        self.dispatch_dtype = dispatch_dtype
+        self.combine_dtype = combine_dtype
         topo = self.comm.topology
         if mode == "dedup" and not topo.uniform:
             raise ValueError(f"mode='dedup' needs nodes of equal size; the topology is {topo.describe()} "
@@ -255,7 +264,9 @@ class ExpertDispatcher:
             x = TakeChunks.apply(x, chunking, self.groups._tp)
             weights = TakeChunks.apply(weights, chunking, self.groups._tp)
             kept = kept[lo:hi]
-        row_bytes = x[:1].numel() * x.element_size() if x.shape[0] else x.shape[1] * x.element_size()
+        # Bytes of a row on the wire each way (alltoall.ops.wire.row_bytes).
+        row_bytes = (wire.row_bytes(x.shape[1], x.dtype, self.dispatch_dtype),
+                     wire.row_bytes(x.shape[1], x.dtype, self.combine_dtype))
         if self.mode == "dedup":
             recv, handle = self._dispatch_dedup(x, kept, weights, row_bytes)
         else:
@@ -271,10 +282,17 @@ class ExpertDispatcher:
         rail_key, node_key = self._tables_on[device]
         route = DedupRoute.build(self.hops, kept, weights, rail_key, node_key,
                                  self.coordinate * self.num_local_experts, self.num_local_experts)
-        recv = DispatchRows.apply(x, route, self._count)
+        if self.dispatch_dtype is None and self.combine_dtype is None:
+            recv = DispatchRows.apply(x, route, self._count)
+        else:
+            def gradient_back(g: torch.Tensor) -> torch.Tensor:
+                self._count("dispatch_backward", route.traffic(self._combine_row_bytes(g), False))
+                return route.reduce_rows_backward(g, "dispatch backward", wire_dtype=self.combine_dtype)
+
+            recv = wire.low_precision(route.move_rows_forward, gradient_back, x, self.dispatch_dtype)
         w = ReceivedWeights.apply(weights, route)
-        sent = route.traffic(row_bytes, True, items=True)
-        back = route.traffic(row_bytes, False)
+        sent = route.traffic(row_bytes[0], True, items=True)
+        back = route.traffic(row_bytes[1], False)
         return recv, DispatchHandle(route.counts, route.counts_list, w, sent, back, "dedup", route)
 
     def _dispatch_replicate(self, x, kept, weights, row_bytes):
@@ -283,15 +301,18 @@ class ExpertDispatcher:
         w_bytes = weights.element_size()
         if algorithm == "hierarchical" and self.comm.size > 1:
             before = self.comm.exchanger(algorithm).traffic()
-            recv, w = route.dispatch(x, weights)
-            sent = self._phase_traffic(algorithm, before, row_bytes + w_bytes)
+            recv, w = route.dispatch(x, weights, self.dispatch_dtype, self.combine_dtype)
+            sent = self._phase_traffic(algorithm, before, row_bytes[0] + w_bytes)
         else:
-            recv, w = route.dispatch(x, weights)
-            sent = route.traffic(row_bytes + w_bytes, self.comm.topology.node_of_rank, self.order, True)
-        back = route.traffic(row_bytes, self.comm.topology.node_of_rank, self.order, False)
+            recv, w = route.dispatch(x, weights, self.dispatch_dtype, self.combine_dtype)
+            sent = route.traffic(row_bytes[0] + w_bytes, self.comm.topology.node_of_rank, self.order, True)
+        back = route.traffic(row_bytes[1], self.comm.topology.node_of_rank, self.order, False)
         if algorithm == "hierarchical":
             back = {key: -1 for key in COUNTERS}  # known only once the combine ran (see stats())
         return recv, DispatchHandle(route.counts, route.counts_list, w, sent, back, "replicate", route)
+
+    def _combine_row_bytes(self, t: torch.Tensor) -> int:
+        return wire.row_bytes(t.shape[1], t.dtype, self.combine_dtype)
 
     def _phase_traffic(self, algorithm: str, before, row_bytes: int) -> dict[str, int]:
         ex = self.comm.exchanger(algorithm)
@@ -321,25 +342,38 @@ class ExpertDispatcher:
             raise ValueError(f"ExpertDispatcher.combine: expert_out must be [{handle.weights.shape[0]}, hidden] "
                              f"(the rows dispatch returned), got {shape}")
         y = expert_out * handle.weights.to(expert_out.dtype)[:, None] if weighted else expert_out
-        row_bytes = expert_out.shape[1] * expert_out.element_size()
+        row_bytes = self._combine_row_bytes(expert_out)
         route = handle.route
         if isinstance(route, DedupRoute):
-            out = CombineRows.apply(y, route, self._count)
+            out = self._combine_dedup(y, route)
             self._count("combine", route.traffic(row_bytes, False))
         else:
             algorithm = route.algorithm
             if algorithm == "hierarchical" and self.comm.size > 1:
                 before = self.comm.exchanger(algorithm).traffic()
-                out = route.combine(y)
+                out = route.combine(y, self.combine_dtype)
                 self._count("combine", self._phase_traffic(algorithm, before, row_bytes))
             else:
-                out = route.combine(y)
+                out = route.combine(y, self.combine_dtype)
                 self._count("combine", route.traffic(row_bytes, self.comm.topology.node_of_rank, self.order,
                                                      False))
         if handle.tp_chunking is not None:
             assert self.groups is not None
             out = GatherChunks.apply(out, handle.tp_chunking, self.groups._tp)
         return out
+
+    def _combine_dedup(self, y: torch.Tensor, route: DedupRoute) -> torch.Tensor:
+        if self.combine_dtype is None:
+            return CombineRows.apply(y, route, self._count)
+
+        def gradient_forth(g: torch.Tensor) -> torch.Tensor:
+            self._count("combine_backward", route.traffic(self._combine_row_bytes(g), True))
+            return wire.carried(lambda t: route.move_rows_forward(t, "combine backward"), g, self.combine_dtype)
+
+        # The hops round their partial sums themselves (wire_dtype below),
+        # so low_precision only adds the straight-through backward.
+        return wire.low_precision(lambda t: route.reduce_rows_backward(t, wire_dtype=self.combine_dtype),
+                                  gradient_forth, y, None)
 
 
 __all__ = ["ITEM_BYTES", "DispatchHandle", "ExpertDispatcher", "choose_mode"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alltoall.ops import wire
 from alltoall.ops.communicator import Communicator
 
 
@@ -69,17 +70,35 @@ class ReplicateRoute:
         send, recv = (self.send, self.recv) if forward else (self.recv, self.send)
         return self.comm.all_to_all_v(rows, send, recv, self.algorithm)
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[S, M]``, ``[S, k]`` -> the expanded rows ``[R, M]`` and their weights ``[R]``."""
-        rows = self.exchange(x.index_select(0, self.token_of_row), True).index_select(0, self.regroup)
-        w = weights.reshape(-1, 1).index_select(0, self.weight_of_row)
-        return rows, self.exchange(w, True).index_select(0, self.regroup).view(-1)
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, wire_dtype: torch.dtype | None = None,
+                 grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[S, M]``, ``[S, k]`` -> the expanded rows ``[R, M]`` and their weights ``[R]``.
+        With a ``wire_dtype`` the tokens are encoded once, before they are
+        copied per assignment, and their gradients travel in ``grad_dtype``
+        (alltoall.ops.wire)."""
+        if wire_dtype is None and grad_dtype is None:
+            rows = self.exchange(x.index_select(0, self.token_of_row), True)
+        else:
+            def gather_back(g: torch.Tensor) -> torch.Tensor:
+                back = wire.carried(lambda t: self.exchange(t, False), g, grad_dtype)
+                return back.new_zeros((self.tokens, *back.shape[1:])).index_add_(0, self.token_of_row, back)
 
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
-        """``[R, M]`` expanded rows -> ``[S, M]``, each token's sum."""
+            rows = wire.low_precision(lambda t: self.exchange(t.index_select(0, self.token_of_row), True),
+                                      gather_back, x, wire_dtype)
+        w = weights.reshape(-1, 1).index_select(0, self.weight_of_row)
+        return rows.index_select(0, self.regroup), self.exchange(w, True).index_select(0, self.regroup).view(-1)
+
+    def combine(self, y: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[R, M]`` expanded rows -> ``[S, M]``, each token's sum; with a
+        ``wire_dtype`` the rows and their gradients travel in it and the sum
+        runs in y's dtype."""
         back = torch.empty_like(self.regroup)
         back[self.regroup] = torch.arange(self.regroup.numel(), device=self.regroup.device)
-        returned = self.exchange(y.index_select(0, back), False)
+        if wire_dtype is None:
+            returned = self.exchange(y.index_select(0, back), False)
+        else:
+            returned = wire.low_precision(lambda t: self.exchange(t, False), lambda g: self.exchange(g, True),
+                                          y.index_select(0, back), wire_dtype, wire_dtype)
         return y.new_zeros((self.tokens, *y.shape[1:])).index_add(0, self.token_of_row, returned)
 
     def traffic(self, row_bytes: int, node_of_rank: tuple[int, ...], order: list[int] | None,
