@@ -1,0 +1,321 @@
+"""Megatron-Core's flex token dispatcher on our manager
+(``alltoall.integrations.megatron``), against Megatron-Core's own
+``MoEAlltoAllTokenDispatcher`` with the same routing, on 8 gloo ranks in
+emulated nodes of 4.
+
+Each run builds both dispatchers in the same 8 processes, after
+``parallel_state.initialize_model_parallel(expert_model_parallel_size=8)``,
+routes the same tokens with the same logits (Megatron's top-k, and for the
+padded mode its ``apply_router_token_dropping``), runs dispatch, one linear
+expert per global expert scaled by the dispatched probabilities (as
+Megatron's experts apply them), combine, and a backward; outputs, tokens
+per expert, and the gradients of the tokens, the router logits and the
+experts must agree within fp tolerance (the order of summation differs).
+
+Megatron-Core's alltoall dispatcher runs on CPUs only in its padded mode.
+Its dropless mode copies the split sizes to the host on a CUDA side stream
+and allocates the uneven all-to-all's output on ``torch.cuda.current_device()``;
+the dropless reference here (``_HostSplitsAlltoAll``) does the copy's effect
+(host lists) and allocates on the CPU, and is otherwise Megatron's code.
+The flex dispatcher runs unmodified, but for its ``dispatch_preprocess``,
+which Megatron decorates with ``torch.compile``: the test runs it eagerly
+(``torch._dynamo.config.disable``), since compiling on 8 ranks sharing 2
+cores would take most of the time budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.harness.pool import WorldPool
+
+WORLD = 8
+LOCAL_SIZE = 4
+ENV = {"ALLTOALL_LOCAL_SIZE": str(LOCAL_SIZE)}
+HIDDEN, EXPERTS, TOKENS = 8, 16, 24
+LOCAL = EXPERTS // WORLD
+CAPACITY_FACTOR = 1.0
+RTOL, ATOL = 1e-5, 1e-6
+DEADLINE_S = 300
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                reason="megatron-core is not installed (make install adds the [clients] extra)")
+
+
+@pytest.fixture(scope="module")
+def megatron_pool():
+    """8 rank processes of their own, so Megatron's imports and module
+    state stay out of the processes the rest of the suite runs in."""
+    pool = WorldPool(WORLD)
+    yield pool
+    pool.close()
+
+
+# In the rank processes ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cpu_is_current_device():
+    """Megatron's uneven all-to-all (tensor_parallel.all_to_all) allocates its
+    output on torch.cuda.current_device(); CPU-only torch has none."""
+    saved = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = saved
+
+
+def _host_splits_alltoall():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    class _HostSplitsAlltoAll(MoEAlltoAllTokenDispatcher):
+        """Megatron's dropless alltoall dispatcher on CPUs: where its CUDA
+        path copies the split sizes to the host on a side stream, this
+        makes them host lists; every other step is Megatron's."""
+
+        def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+            if not self.drop_and_pad and point == self.cuda_dtoh_point:
+                for name in ("input_splits", "output_splits", "output_splits_tp"):
+                    value = getattr(self, name)
+                    if torch.is_tensor(value):
+                        setattr(self, name, value.tolist())
+            return tokens_per_expert
+
+    return _HostSplitsAlltoAll
+
+
+def _config(k: int, dispatcher: str, pad: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, num_moe_experts=EXPERTS,
+                             moe_router_topk=k, moe_token_dispatcher_type=dispatcher,
+                             moe_flex_dispatcher_backend="alltoall",
+                             moe_expert_capacity_factor=CAPACITY_FACTOR if pad else None,
+                             moe_pad_expert_input_to_capacity=pad, use_cpu_initialization=True)
+
+
+def _route(logits: torch.Tensor, k: int, pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Megatron's top-k routing, differentiable in ``logits``; padded: its
+    capacity rule, which fills every expert to capacity."""
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    scores = torch.softmax(logits, dim=-1)
+    top = scores.topk(k, dim=-1)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top.indices, True)
+    probs = torch.zeros_like(scores).scatter(1, top.indices, top.values)
+    if pad:
+        probs, routing_map = apply_router_token_dropping(probs, routing_map, k, CAPACITY_FACTOR, pad_to_capacity=True)
+    return probs, routing_map
+
+
+def _drive(dispatcher, k: int, pad: bool) -> dict:
+    """Dispatch, experts, combine and backward through ``dispatcher``, on
+    this rank's tokens."""
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # different tokens on every rank
+    tokens = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    logits = torch.randn(TOKENS, EXPERTS, requires_grad=True)
+    target = torch.randn(TOKENS, HIDDEN)
+    torch.manual_seed(7)  # the same experts on every rank: one linear map per global expert
+    weights = torch.randn(EXPERTS, HIDDEN, HIDDEN)[rank * LOCAL:(rank + 1) * LOCAL].clone().requires_grad_()
+    probs, routing_map = _route(logits, k, pad)
+
+    hidden, p = dispatcher.dispatch_preprocess(tokens, routing_map, probs)
+    hidden, p = dispatcher.token_dispatch(hidden, p)
+    manager = getattr(dispatcher, "_comm_manager", None)
+    sent = dict(manager.handle.sent) if manager is not None else None  # this dispatch's rows and bytes
+    hidden, tokens_per_expert, p = dispatcher.dispatch_postprocess(hidden, p)
+    rows = torch.split(hidden, tokens_per_expert.tolist())
+    expert_out = torch.cat([r @ weights[e] for e, r in enumerate(rows)]) * p.unsqueeze(-1).to(hidden.dtype)
+    out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(expert_out)))
+    (out * target).sum().backward()
+    return {"out": out.detach(), "tokens_per_expert": tokens_per_expert.clone(), "tokens_grad": tokens.grad,
+            "logits_grad": logits.grad, "expert_grad": weights.grad, "routing_map": routing_map,
+            "sent": sent}
+
+
+def _expected_rows_inter(routing_map: torch.Tensor) -> int:
+    """Rows this rank sends across the network when each token crosses once
+    per remote node that holds one of its experts."""
+    rank = dist.get_rank()
+    node_of_expert = torch.arange(EXPERTS) // LOCAL // LOCAL_SIZE
+    nodes = WORLD // LOCAL_SIZE
+    per_node = torch.zeros(TOKENS, nodes, dtype=torch.bool)
+    per_node.index_put_((torch.nonzero(routing_map)[:, 0], node_of_expert[torch.nonzero(routing_map)[:, 1]]),
+                        torch.tensor(True))
+    per_node[:, rank // LOCAL_SIZE] = False
+    return int(per_node.sum())
+
+
+def _compare_run(k: int, pad: bool) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher, MoEFlexTokenDispatcher
+
+    import alltoall.integrations.megatron as alltoall_megatron
+
+    alltoall_megatron.enable()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    rank = dist.get_rank()
+    local = list(range(rank * LOCAL, (rank + 1) * LOCAL))
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None and not torch.cuda.is_available():
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the test copies the splits to the host itself"
+    reference_type = MoEAlltoAllTokenDispatcher if pad else _host_splits_alltoall()
+    try:
+        with _cpu_is_current_device():
+            reference = _drive(reference_type(LOCAL, local, _config(k, "alltoall", pad), groups), k, pad)
+        flex = MoEFlexTokenDispatcher(LOCAL, local, _config(k, "flex", pad), groups)
+        expert_dispatcher = flex._comm_manager.dispatcher
+        before = expert_dispatcher.stats()
+        with _eager():
+            ours = _drive(flex, k, pad)
+        after = expert_dispatcher.stats()
+    finally:
+        alltoall_megatron.disable()
+        parallel_state.destroy_model_parallel()
+    return {"reference": reference, "ours": ours, "mode": expert_dispatcher.mode,
+            "stats_delta": {key: after[key] - before.get(key, 0) for key in after},
+            "expected_rows_inter": _expected_rows_inter(ours["routing_map"]),
+            "manager": type(flex._comm_manager).__name__}
+
+
+@contextlib.contextmanager
+def _eager():
+    """Runs torch.compile'd functions eagerly (see the module docstring)."""
+    import torch._dynamo
+
+    saved = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.disable = saved
+
+
+# The tests ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["dropless", "padded"])
+@pytest.mark.parametrize("k", [2, 8])
+def test_flex_on_alltoall_matches_megatron_alltoall(megatron_pool, k, pad):
+    results = megatron_pool.run(_compare_run, k, pad, env=ENV, deadline_s=DEADLINE_S)
+    for rank, result in enumerate(results):
+        assert result["manager"] == "AlltoallDispatchManager"
+        reference, ours = result["reference"], result["ours"]
+        assert torch.equal(ours["routing_map"], reference["routing_map"]), f"rank {rank}: routing differs"
+        assert torch.equal(ours["tokens_per_expert"], reference["tokens_per_expert"]), f"rank {rank}"
+        if pad:  # every local expert gets capacity rows from each of the 8 ranks
+            capacity = -(-TOKENS * k // EXPERTS)
+            assert ours["tokens_per_expert"].tolist() == [capacity * WORLD] * LOCAL
+        for key in ("out", "tokens_grad", "logits_grad", "expert_grad"):
+            torch.testing.assert_close(ours[key], reference[key], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}")
+        # The dedup path ran: one row per (token, remote node) crossed the network.
+        assert result["mode"] == "dedup"
+        sent = ours["sent"]
+        assert sent["rows_inter"] == result["expected_rows_inter"], (rank, sent)
+        assert result["stats_delta"]["rows_inter"] >= sent["rows_inter"] > 0, (rank, result["stats_delta"])
+
+
+def _other_backends() -> dict:
+    """What Megatron's own constructor does for every other backend, with
+    the integration enabled and after it is disabled."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.token_dispatcher import MoEFlexTokenDispatcher
+
+    import alltoall.integrations.megatron as alltoall_megatron
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    rank = dist.get_rank()
+    local = list(range(rank * LOCAL, (rank + 1) * LOCAL))
+
+    def build(backend: str) -> str:
+        config = _config(2, "flex", False)
+        config.moe_flex_dispatcher_backend = backend
+        try:
+            MoEFlexTokenDispatcher(LOCAL, local, config, groups)
+        except (ImportError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+        return "built"
+
+    backends = ("deepep", "hybridep", "alltoall", "nccl")
+    original = MoEFlexTokenDispatcher.__init__
+    try:
+        before = {b: build(b) for b in backends}
+        alltoall_megatron.enable()
+        alltoall_megatron.enable()  # a second call changes nothing
+        wrapped = MoEFlexTokenDispatcher.__init__
+        enabled = {b: build(b) for b in backends}
+        alltoall_megatron.disable()
+        restored = MoEFlexTokenDispatcher.__init__ is original
+        after = {b: build(b) for b in backends}
+    finally:
+        alltoall_megatron.disable()
+        parallel_state.destroy_model_parallel()
+    return {"before": before, "enabled": enabled, "after": after, "restored": restored,
+            "wrapped_once": getattr(wrapped, "__wrapped__", None) is original}
+
+
+def test_other_backends_unchanged(megatron_pool):
+    for result in megatron_pool.run(_other_backends, env=ENV, deadline_s=DEADLINE_S):
+        before, enabled, after = result["before"], result["enabled"], result["after"]
+        # Without DeepEP or HybridEP installed, Megatron's constructor refuses
+        # them; with the integration enabled it still does, word for word.
+        assert before["deepep"].startswith("ImportError: DeepEP is not installed"), before
+        assert before["hybridep"].startswith("ImportError: HybridEP is not installed"), before
+        assert before["alltoall"].startswith("ValueError: Invalid backend: alltoall"), before
+        assert {b: enabled[b] for b in ("deepep", "hybridep", "nccl")} == {
+            b: before[b] for b in ("deepep", "hybridep", "nccl")}
+        assert enabled["alltoall"] == "built"
+        assert result["wrapped_once"] and result["restored"]
+        assert after == before
+
+
+def test_untested_version_refused(monkeypatch):
+    import alltoall.integrations.megatron as alltoall_megatron
+
+    monkeypatch.setattr(alltoall_megatron, "installed_version", lambda: "0.17.0")
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.17\.0 is not a tested version \(0\.16\.1\)"):
+        alltoall_megatron.enable()
+    assert not alltoall_megatron.enabled()
+    monkeypatch.setattr(alltoall_megatron, "installed_version", lambda: None)
+    with pytest.raises(RuntimeError, match="megatron-core is not installed"):
+        alltoall_megatron.enable()
+    with pytest.raises(ValueError, match="mode='fast'"):
+        alltoall_megatron.enable(mode="fast")
+    assert not alltoall_megatron.enabled()
+
+
+def _changed_interface() -> str:
+    """enable() on a Megatron-Core whose manager interface lost a method."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    import alltoall.integrations.megatron as alltoall_megatron
+
+    saved = token_dispatcher._DispatchManager
+    token_dispatcher._DispatchManager = type("_DispatchManager", (), {})
+    try:
+        alltoall_megatron.enable()
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        token_dispatcher._DispatchManager = saved
+        alltoall_megatron.disable()
+    return "enabled"
+
+
+def test_changed_interface_refused(megatron_pool):
+    message = megatron_pool.run(_changed_interface, env=ENV, deadline_s=DEADLINE_S)[0]
+    assert message.startswith("megatron-core 0.16.1: the flex token dispatcher's interface differs"), message
+    assert "combine" in message and "setup_metadata" in message
