@@ -16,7 +16,7 @@ Megatron-Core's alltoall dispatcher runs on CPUs only in its padded mode.
 Its dropless mode copies the split sizes to the host on a CUDA side stream
 and allocates the uneven all-to-all's output on ``torch.cuda.current_device()``;
 the dropless reference here (``_HostSplitsAlltoAll``) does the copy's effect
-(host lists) and allocates on the CPU, and is otherwise Megatron's code.
+(numpy arrays of the split sizes) and allocates on the CPU, and is otherwise Megatron's code.
 The flex dispatcher runs unmodified, but for its ``dispatch_preprocess``,
 which Megatron decorates with ``torch.compile``: the test runs it eagerly
 (``torch._dynamo.config.disable``), since compiling on 8 ranks sharing 2
@@ -38,7 +38,7 @@ WORLD = 8
 LOCAL_SIZE = 4
 ENV = {"ALLTOALL_LOCAL_SIZE": str(LOCAL_SIZE)}
 HIDDEN, EXPERTS, TOKENS = 8, 16, 24
-LOCAL = EXPERTS // WORLD
+LOCAL = EXPERTS // WORLD  # experts per rank at TP=1, EP=8
 CAPACITY_FACTOR = 1.0
 RTOL, ATOL = 1e-5, 1e-6
 DEADLINE_S = 300
@@ -76,24 +76,27 @@ def _host_splits_alltoall():
 
     class _HostSplitsAlltoAll(MoEAlltoAllTokenDispatcher):
         """Megatron's dropless alltoall dispatcher on CPUs: where its CUDA
-        path copies the split sizes to the host on a side stream, this
-        makes them host lists; every other step is Megatron's."""
+        path copies the split sizes to the host on a side stream
+        (maybe_move_tensor_to_cpu(as_numpy=True)), this makes them the same
+        numpy arrays; every other step is Megatron's."""
 
         def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
             if not self.drop_and_pad and point == self.cuda_dtoh_point:
                 for name in ("input_splits", "output_splits", "output_splits_tp"):
                     value = getattr(self, name)
                     if torch.is_tensor(value):
-                        setattr(self, name, value.tolist())
+                        setattr(self, name, value.numpy())
             return tokens_per_expert
 
     return _HostSplitsAlltoAll
 
 
-def _config(k: int, dispatcher: str, pad: bool):
+def _config(k: int, dispatcher: str, pad: bool, tp: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, num_moe_experts=EXPERTS,
+    return TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=tp, num_moe_experts=EXPERTS,
+                             tensor_model_parallel_size=tp, expert_model_parallel_size=WORLD // tp,
+                             sequence_parallel=tp > 1, add_bias_linear=False,
                              moe_router_topk=k, moe_token_dispatcher_type=dispatcher,
                              moe_flex_dispatcher_backend="alltoall",
                              moe_expert_capacity_factor=CAPACITY_FACTOR if pad else None,
@@ -116,14 +119,24 @@ def _route(logits: torch.Tensor, k: int, pad: bool) -> tuple[torch.Tensor, torch
 
 def _drive(dispatcher, k: int, pad: bool) -> dict:
     """Dispatch, experts, combine and backward through ``dispatcher``, on
-    this rank's tokens."""
+    this rank's tokens (different on every rank, TP ranks included: Megatron
+    runs MoE with TP under sequence parallelism). Expert e is one linear map,
+    cut into one term per TP rank (its partial output, which the combine
+    sums, as expert tensor parallelism's row-parallel second layer does)."""
+    from megatron.core import parallel_state
+
     rank = dist.get_rank()
-    torch.manual_seed(100 + rank)  # different tokens on every rank
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    tp = parallel_state.get_expert_tensor_parallel_world_size()
+    local = dispatcher.num_local_experts
+    torch.manual_seed(100 + rank)
     tokens = torch.randn(TOKENS, HIDDEN, requires_grad=True)
     logits = torch.randn(TOKENS, EXPERTS, requires_grad=True)
     target = torch.randn(TOKENS, HIDDEN)
-    torch.manual_seed(7)  # the same experts on every rank: one linear map per global expert
-    weights = torch.randn(EXPERTS, HIDDEN, HIDDEN)[rank * LOCAL:(rank + 1) * LOCAL].clone().requires_grad_()
+    torch.manual_seed(7)  # the same experts on every rank
+    weights = torch.randn(EXPERTS, tp, HIDDEN, HIDDEN)[ep_rank * local:(ep_rank + 1) * local, tp_rank]
+    weights = weights.clone().requires_grad_()
     probs, routing_map = _route(logits, k, pad)
 
     hidden, p = dispatcher.dispatch_preprocess(tokens, routing_map, probs)
@@ -140,20 +153,22 @@ def _drive(dispatcher, k: int, pad: bool) -> dict:
             "sent": sent}
 
 
-def _expected_rows_inter(routing_map: torch.Tensor) -> int:
+def _expected_rows_inter(routing_map: torch.Tensor, tp: int, tp_ep_rank: int) -> int:
     """Rows this rank sends across the network when each token crosses once
-    per remote node that holds one of its experts."""
-    rank = dist.get_rank()
-    node_of_expert = torch.arange(EXPERTS) // LOCAL // LOCAL_SIZE
+    per remote node that holds one of its experts. Expert e's EP rank has tp
+    ranks (TPxEP group ranks ep * tp + t), each of which gets the token;
+    nodes are LOCAL_SIZE consecutive TPxEP group ranks."""
+    local = EXPERTS // (WORLD // tp)
     nodes = WORLD // LOCAL_SIZE
     per_node = torch.zeros(TOKENS, nodes, dtype=torch.bool)
-    per_node.index_put_((torch.nonzero(routing_map)[:, 0], node_of_expert[torch.nonzero(routing_map)[:, 1]]),
-                        torch.tensor(True))
-    per_node[:, rank // LOCAL_SIZE] = False
+    token, expert = torch.nonzero(routing_map, as_tuple=True)
+    for t in range(tp):
+        per_node[token, (expert // local * tp + t) // LOCAL_SIZE] = True
+    per_node[:, tp_ep_rank // LOCAL_SIZE] = False
     return int(per_node.sum())
 
 
-def _compare_run(k: int, pad: bool) -> dict:
+def _compare_run(k: int, pad: bool, tp: int = 1) -> dict:
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher, MoEFlexTokenDispatcher
@@ -162,17 +177,19 @@ def _compare_run(k: int, pad: bool) -> dict:
 
     alltoall_megatron.enable()
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=WORLD // tp)
     groups = ProcessGroupCollection.use_mpu_process_groups()
-    rank = dist.get_rank()
-    local = list(range(rank * LOCAL, (rank + 1) * LOCAL))
+    num_local = EXPERTS // (WORLD // tp)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    local = list(range(ep_rank * num_local, (ep_rank + 1) * num_local))
+    tp_ep_rank = dist.get_rank(groups.tp_ep)
     if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None and not torch.cuda.is_available():
         MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the test copies the splits to the host itself"
     reference_type = MoEAlltoAllTokenDispatcher if pad else _host_splits_alltoall()
     try:
         with _cpu_is_current_device():
-            reference = _drive(reference_type(LOCAL, local, _config(k, "alltoall", pad), groups), k, pad)
-        flex = MoEFlexTokenDispatcher(LOCAL, local, _config(k, "flex", pad), groups)
+            reference = _drive(reference_type(num_local, local, _config(k, "alltoall", pad, tp), groups), k, pad)
+        flex = MoEFlexTokenDispatcher(num_local, local, _config(k, "flex", pad, tp), groups)
         expert_dispatcher = flex._comm_manager.dispatcher
         before = expert_dispatcher.stats()
         with _eager():
@@ -183,7 +200,7 @@ def _compare_run(k: int, pad: bool) -> dict:
         parallel_state.destroy_model_parallel()
     return {"reference": reference, "ours": ours, "mode": expert_dispatcher.mode,
             "stats_delta": {key: after[key] - before.get(key, 0) for key in after},
-            "expected_rows_inter": _expected_rows_inter(ours["routing_map"]),
+            "expected_rows_inter": _expected_rows_inter(ours["routing_map"], tp, tp_ep_rank),
             "manager": type(flex._comm_manager).__name__}
 
 
@@ -203,10 +220,16 @@ def _eager():
 # The tests ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pad", [False, True], ids=["dropless", "padded"])
-@pytest.mark.parametrize("k", [2, 8])
-def test_flex_on_alltoall_matches_megatron_alltoall(megatron_pool, k, pad):
-    results = megatron_pool.run(_compare_run, k, pad, env=ENV, deadline_s=DEADLINE_S)
+# TP=2 x EP=4 only padded: the dropless reference's all-gather over TP has
+# uneven sizes, which gloo's allgather refuses.
+RUNS = [(2, 1, False), (8, 1, False), (2, 1, True), (8, 1, True), (8, 2, True)]
+
+
+@pytest.mark.parametrize(("k", "tp", "pad"), RUNS,
+                         ids=[f"k{k}-{'tp2xep4' if tp > 1 else 'ep8'}-{'padded' if pad else 'dropless'}"
+                              for k, tp, pad in RUNS])
+def test_flex_on_alltoall_matches_megatron_alltoall(megatron_pool, k, tp, pad):
+    results = megatron_pool.run(_compare_run, k, pad, tp, env=ENV, deadline_s=DEADLINE_S)
     for rank, result in enumerate(results):
         assert result["manager"] == "AlltoallDispatchManager"
         reference, ours = result["reference"], result["ours"]
@@ -214,7 +237,7 @@ def test_flex_on_alltoall_matches_megatron_alltoall(megatron_pool, k, pad):
         assert torch.equal(ours["tokens_per_expert"], reference["tokens_per_expert"]), f"rank {rank}"
         if pad:  # every local expert gets capacity rows from each of the 8 ranks
             capacity = -(-TOKENS * k // EXPERTS)
-            assert ours["tokens_per_expert"].tolist() == [capacity * WORLD] * LOCAL
+            assert ours["tokens_per_expert"].tolist() == [capacity * WORLD] * (EXPERTS // (WORLD // tp))
         for key in ("out", "tokens_grad", "logits_grad", "expert_grad"):
             torch.testing.assert_close(ours[key], reference[key], rtol=RTOL, atol=ATOL,
                                        msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}")
