@@ -10,7 +10,7 @@ from alltoall._library import _C  # noqa: F401
 from alltoall.backend import backend_stats
 from alltoall.backend import register as _register_backend
 from alltoall.moe import MoE
-from alltoall.ops import Communicator, ParallelGroups, all_to_all, all_to_all_v
+from alltoall.ops import Communicator, DispatchHandle, ExpertDispatcher, ParallelGroups, all_to_all, all_to_all_v
 from alltoall.plan import plan
 from alltoall.topology import RankLayout, Topology
 
@@ -21,6 +21,8 @@ _register_backend()
 
 __all__ = [
     "Communicator",
+    "DispatchHandle",
+    "ExpertDispatcher",
     "MoE",
     "ParallelGroups",
     "RankLayout",

@@ -338,3 +338,41 @@ class Communicator:
                                                with_splits=output_splits is None)
         out, received = autograd.all_to_all_v(x, exchanger, plan.input_splits, plan.output_splits)
         return out if output_splits is not None else (out, received)
+
+    # Sub-exchangers (the expert dispatcher's hops) ---------------------------
+
+    def sub_exchanger(self, role: str) -> tuple[_C.Exchanger, GroupRef] | None:
+        """A flat all-to-all over one of the subgroups this Communicator
+        already has: ``"intra_node"`` (this rank's node) or ``"inter_node"``
+        (this rank's rail: the ranks with its local rank, one per node).
+
+        It reuses the subgroup's transport and this Communicator's progress
+        thread, so its calls keep issue order with every other exchange
+        here; building it communicates nothing. Peers are addressed by
+        their position in the subgroup (``GroupRef.global_ranks`` order).
+        Returns None when the subgroup would hold this rank alone (one rank
+        per node, or one node), and raises ValueError on a topology with
+        nodes of unequal sizes, which has no such subgroups.
+        """
+        if role not in ("intra_node", "inter_node"):
+            raise ValueError(f"role={role!r}: expected 'intra_node' or 'inter_node'")
+        if not self.topology.uniform:
+            raise ValueError(f"no {role} subgroup on a topology with nodes of unequal sizes "
+                             f"({self.topology.describe()})")
+        cache = self.__dict__.setdefault("_sub_exchangers", {})
+        if role not in cache:
+            topo = self.topology
+            members = topo.ranks_of_node(topo.node) if role == "intra_node" else topo.ranks_with_local_rank(
+                topo.local_rank)
+            # A subgroup equal to the whole group is the group itself (a
+            # flat-only Communicator has no node subgroups at all).
+            key = role if role in self._groups else "world"
+            ref = self._groups[key]
+            if len(members) == 1:
+                cache[role] = None
+            else:
+                assert len(ref.global_ranks) == len(members), (role, ref.global_ranks, members)
+                position = ref.global_ranks.index(self.group_ref.global_ranks[self.rank])
+                raw = make_plan([0] * len(ref.global_ranks), position, "flat")
+                cache[role] = (_C.Exchanger(raw, [self._transports[key]], self.progress), ref)
+        return cache[role]
