@@ -38,19 +38,20 @@ from alltoall.ops.expert_dispatcher import ExpertDispatcher
 # thread, which a model of 60 MoE layers must not multiply by 60. Keyed by
 # the group's registered name and checked by identity, so a group destroyed
 # and re-created under the same name gets a new one.
-_dispatchers: dict[tuple[str, int, str], tuple[dist.ProcessGroup, ExpertDispatcher]] = {}
+_dispatchers: dict[tuple[str, int, str, int], tuple[dist.ProcessGroup, ExpertDispatcher]] = {}
 _lock = threading.Lock()
 
 
-def dispatcher_for(group: dist.ProcessGroup, num_experts: int, mode: str) -> ExpertDispatcher:
+def dispatcher_for(group: dist.ProcessGroup, num_experts: int, mode: str, k: int) -> ExpertDispatcher:
     """The shared ExpertDispatcher of ``group`` (collective on first use:
-    every rank of the group builds its MoE layers in the same order)."""
-    key = (group.group_name, num_experts, mode)
+    every rank of the group builds its MoE layers in the same order); ``k``
+    feeds mode "auto"'s rule."""
+    key = (group.group_name, num_experts, mode, k)
     with _lock:
         found = _dispatchers.get(key)
         if found is not None and found[0] is group:
             return found[1]
-        dispatcher = ExpertDispatcher(Communicator(group), num_experts, mode=mode)
+        dispatcher = ExpertDispatcher(Communicator(group), num_experts, mode=mode, k=k)
         _dispatchers[key] = (group, dispatcher)
         return dispatcher
 
@@ -122,7 +123,7 @@ class AlltoallDispatchManager(_DispatchManager):
         self.drop_and_pad = bool(config.moe_pad_expert_input_to_capacity)
         if self.drop_and_pad and config.moe_expert_capacity_factor is None:
             raise ValueError("moe_pad_expert_input_to_capacity=True needs moe_expert_capacity_factor")
-        self.dispatcher = dispatcher_for(group, num_experts, mode)
+        self.dispatcher = dispatcher_for(group, num_experts, mode, router_topk)
         # Per-step metadata, set by setup_metadata and dispatch.
         self.token_indices: torch.Tensor | None = None
         self.token_probs: torch.Tensor | None = None
