@@ -342,3 +342,71 @@ def test_changed_interface_refused(megatron_pool):
     message = megatron_pool.run(_changed_interface, env=ENV, deadline_s=DEADLINE_S)[0]
     assert message.startswith("megatron-core 0.16.1: the flex token dispatcher's interface differs"), message
     assert "combine" in message and "setup_metadata" in message
+
+
+# Megatron's MoE layer ------------------------------------------------------------
+
+
+def _moe_layer(dispatcher: str, k: int, pad: bool):
+    """Megatron's MoELayer (TopKRouter, SequentialMLP of local MLPs), built
+    from the same seed, so both layers start from the same weights."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = _config(k, dispatcher, pad)
+    config.ffn_hidden_size = config.moe_ffn_hidden_size = 16
+    spec = get_moe_module_spec(use_te=False, num_experts=EXPERTS, moe_grouped_gemm=False)
+    torch.manual_seed(3)
+    layer = MoELayer(config, spec.submodules, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    if dispatcher == "alltoall" and not pad:  # the dropless reference's host split sizes (module docstring)
+        layer.token_dispatcher.__class__ = _host_splits_alltoall()
+    return layer
+
+
+def _moe_layer_run(k: int, pad: bool) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    import alltoall.integrations.megatron as alltoall_megatron
+
+    # Megatron-Core 0.16.1's router_gating_linear reads te_general_gemm, a
+    # name its module defines only when Transformer Engine is installed.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None and not torch.cuda.is_available():
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the test copies the splits to the host itself"
+    alltoall_megatron.enable()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
+    results = {}
+    try:
+        for dispatcher in ("alltoall", "flex"):
+            layer = _moe_layer(dispatcher, k, pad)
+            torch.manual_seed(100 + dist.get_rank())
+            x = torch.randn(TOKENS, 1, HIDDEN, requires_grad=True)  # [sequence, batch, hidden]
+            with _cpu_is_current_device(), _eager():
+                out, _ = layer(x)
+                (out * torch.randn_like(out)).sum().backward()
+            results[dispatcher] = {"out": out.detach(), "x_grad": x.grad,
+                                   "grads": {n: p.grad for n, p in layer.named_parameters()},
+                                   "manager": type(getattr(layer.token_dispatcher, "_comm_manager", None)).__name__}
+    finally:
+        alltoall_megatron.disable()
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.parametrize(("k", "pad"), [(2, False), (8, True)], ids=["k2-dropless", "k8-padded"])
+def test_moe_layer_flex_on_alltoall(megatron_pool, k, pad):
+    for rank, result in enumerate(megatron_pool.run(_moe_layer_run, k, pad, env=ENV, deadline_s=DEADLINE_S)):
+        reference, ours = result["alltoall"], result["flex"]
+        assert ours["manager"] == "AlltoallDispatchManager"
+        assert ours["grads"].keys() == reference["grads"].keys()
+        assert any(".local_experts." in name for name in ours["grads"]) and "router.weight" in ours["grads"]
+        pairs = [("out", ours["out"], reference["out"]), ("x_grad", ours["x_grad"], reference["x_grad"])]
+        pairs += [(name, ours["grads"][name], reference["grads"][name]) for name in reference["grads"]]
+        for what, actual, expected in pairs:
+            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}")
