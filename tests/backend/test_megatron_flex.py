@@ -17,6 +17,9 @@ Its dropless mode copies the split sizes to the host on a CUDA side stream
 and allocates the uneven all-to-all's output on ``torch.cuda.current_device()``;
 the dropless reference here (``_HostSplitsAlltoAll``) does the copy's effect
 (numpy arrays of the split sizes) and allocates on the CPU, and is otherwise Megatron's code.
+Megatron's MoELayer (TopKRouter, SequentialMLP) runs both ways as well
+(``test_moe_layer_flex_on_alltoall``).
+
 The flex dispatcher runs unmodified, but for its ``dispatch_preprocess``,
 which Megatron decorates with ``torch.compile``: the test runs it eagerly
 (``torch._dynamo.config.disable``), since compiling on 8 ranks sharing 2
