@@ -26,6 +26,7 @@ PY_LAYERS = {
     "cli": 5,
     "bench": 5,  # python -m alltoall.bench
     "testing": 6,
+    "integrations": 6,  # framework integrations (alltoall.integrations.megatron), above the library
 }
 
 # C++: folder -> the folders it may include from.
