@@ -53,7 +53,7 @@ def named_error(error: BaseException, what: str) -> BaseException:
     message = f"ExpertDispatcher {what}: {error}"
     try:
         return type(error)(message)
-    except Exception:  # noqa: BLE001  (a class that takes other arguments)
+    except Exception:  # a class that takes other arguments
         return RuntimeError(message)
 
 
@@ -65,7 +65,7 @@ def exchange(hop: Hop, rows: torch.Tensor, send: list[int], recv: list[int] | No
         return rows, list(send)
     try:
         out, received = hop.exchanger.all_to_all_v(rows.contiguous(), send, recv)
-    except Exception as error:  # noqa: BLE001  (re-raised with the phase named)
+    except Exception as error:  # re-raised with the phase named
         raise named_error(error, f"{what}, {hop.name}") from error
     return out, list(received)
 

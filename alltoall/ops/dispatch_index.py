@@ -64,8 +64,6 @@ def keep_by_capacity(expert_index: torch.Tensor, num_experts: int, capacity: int
 
 def pairs(row_ptr: torch.Tensor, item_key: torch.Tensor, num_keys: int) -> Pairs:
     """The hop's pairs, by the kernel (``torch.ops.alltoall.dedup_pairs``)."""
-    if not hasattr(torch.ops.alltoall, "dedup_pairs"):  # until the kernel is built
-        return pairs_reference(row_ptr, item_key, num_keys)
     item_pos, item_pair, pair_row, pair_counts, item_counts = torch.ops.alltoall.dedup_pairs(
         row_ptr, item_key, num_keys)
     pair_list = pair_counts.tolist()

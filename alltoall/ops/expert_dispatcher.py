@@ -246,14 +246,15 @@ class ExpertDispatcher:
                         "ExpertDispatcher.dispatch")
         tokens = x.shape[0]
         chunking = None
+        # The capacity applies to the TP group's whole batch, as the gate's does.
+        kept = keep_by_capacity(expert_index, self.num_experts, capacity)
         if self.tp > 1:
             assert self.groups is not None
             chunking = Chunking((tokens,), self.tp)
             lo, hi = chunking.bounds(0, self.groups.tp_rank)
             x = TakeChunks.apply(x, chunking, self.groups._tp)
             weights = TakeChunks.apply(weights, chunking, self.groups._tp)
-            expert_index = expert_index[lo:hi]
-        kept = keep_by_capacity(expert_index, self.num_experts, capacity)
+            kept = kept[lo:hi]
         row_bytes = x[:1].numel() * x.element_size() if x.shape[0] else x.shape[1] * x.element_size()
         if self.mode == "dedup":
             recv, handle = self._dispatch_dedup(x, kept, weights, row_bytes)

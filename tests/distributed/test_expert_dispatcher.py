@@ -45,7 +45,8 @@ def _inputs(case: int, data: int, tokens: int, k: int, num_experts: int, kind: s
 def _differential(node_ids: list[int] | None, tp: int, modes: tuple[str, ...]) -> int:
     rank = dist.get_rank()
     if tp > 1:
-        groups = alltoall.ParallelGroups(tp, local_size=4)
+        topology = alltoall.Topology.from_node_ids(node_ids, rank) if node_ids else None
+        groups = alltoall.ParallelGroups(tp, topology=topology, local_size=None if topology else 4)
         comm, target = groups.ep_comm, groups
     else:
         comm = alltoall.Communicator(topology=alltoall.Topology.from_node_ids(node_ids, rank))
@@ -96,7 +97,7 @@ def _differential(node_ids: list[int] | None, tp: int, modes: tuple[str, ...]) -
             inter = torch.tensor([handle.sent["rows_inter"], expected, handle.combine_sent["rows_inter"]])
             if mode == "replicate-hierarchical":  # rows are forwarded: only the sum over ranks is fixed
                 dist.all_reduce(inter, group=comm.group)
-                inter[2] = inter[0]
+                inter[2] = dispatcher.stats()["combine_rows_inter"]
             assert inter[0] == inter[1], f"{what}: {inter[0]} inter-node rows sent, expected {inter[1]}"
             total_sent = torch.tensor([handle.sent["rows_inter"], inter[2]])
             dist.all_reduce(total_sent, group=comm.group)
@@ -117,6 +118,80 @@ def test_dedup_and_replicate_match_dense_reference(worlds, topology):
     assert results == [len(CASES) * len(modes)] * 8
 
 
-def test_tensor_parallel_dispatch_matches_dense_reference(worlds):
-    results = worlds.run(8, _differential, None, 2, ("dedup", "replicate"), deadline_s=300)
+@pytest.mark.parametrize("topology", ["2x4", "cyclic"])
+def test_tensor_parallel_dispatch_matches_dense_reference(worlds, topology):
+    # On the cyclic placement ParallelGroups relabels the EP group (rank_order).
+    results = worlds.run(8, _differential, TOPOLOGIES[topology], 2, ("dedup", "replicate"), deadline_s=300)
     assert results == [len(CASES) * 2] * 8
+
+
+def _bad_input() -> None:
+    rank = dist.get_rank()
+    comm = alltoall.Communicator(local_size=1)
+    with pytest.raises(ValueError, match="num_experts=3 is not divisible by the expert-parallel size 2"):
+        alltoall.ExpertDispatcher(comm, 3)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        alltoall.ExpertDispatcher(comm, 4, mode="fast")
+    d = alltoall.ExpertDispatcher(comm, 4, mode="dedup")
+    x, index, weights = torch.randn(3, HIDDEN), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
+    bad = [
+        ((x, torch.tensor([[0, 4], [2, 3], [1, 2]]), weights),
+         r"expert_index holds values in \[0, 4\], outside \[-1, 4\)"),
+        ((x, torch.tensor([[0, -2], [2, 3], [1, 2]]), weights), r"values in \[-2, 3\]"),
+        ((x, index.int(), weights), "expert_index must be a 2-d int64 tensor"),
+        ((x[0], index, weights), r"x must be \[tokens, hidden\]"),
+        ((x[:2], index, weights), r"expert_index has shape \(3, 2\) but x has 2 tokens"),
+        ((x, index, weights[:, :1]), r"weights \(torch.float32, shape \(3, 1\)\) must be floating point"),
+        ((x, index, weights.long()), r"weights \(torch.int64"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            d.dispatch(*args)
+    with pytest.raises(ValueError, match="capacity=-1"):
+        d.dispatch(x, index, weights, capacity=-1)
+    # Nothing was sent: the ranks are still in step.
+    recv, handle = d.dispatch(x, index, weights)
+    out = d.combine(recv, handle)
+    expected = weights.sum(1, keepdim=True) * x
+    torch.testing.assert_close(out, expected)
+    # check=True: ranks that disagree on E or M raise on every rank.
+    with pytest.raises(ValueError, match="ranks disagree"):
+        alltoall.ExpertDispatcher(comm, 4 + 4 * rank, check=True)
+    with pytest.raises(ValueError, match="ranks disagree"):
+        d.dispatch(torch.randn(3, HIDDEN + rank), index, weights, check=True)
+    recv, handle = d.dispatch(x, index, weights, check=True)
+    torch.testing.assert_close(d.combine(recv, handle), expected)
+
+
+def test_bad_input_raises_before_any_communication(worlds):
+    worlds.run(2, _bad_input, deadline_s=120)
+
+
+def _unequal_nodes() -> str:
+    rank = dist.get_rank()
+    comm = alltoall.Communicator(topology=alltoall.Topology.from_node_ids([0, 0, 1], rank))
+    with pytest.raises(ValueError, match=r"mode='dedup' needs nodes of equal size; the topology is 3 ranks on 2 "
+                                         r"node\(s\) of unequal sizes \[2, 1\]"):
+        alltoall.ExpertDispatcher(comm, 3, mode="dedup")
+    d = alltoall.ExpertDispatcher(comm, 3, k=2)
+    x = torch.randn(4, HIDDEN, dtype=torch.float64)
+    index = torch.tensor([[0, 1], [2, 0], [1, 2], [2, 1]])
+    weights = torch.rand(4, 2, dtype=torch.float64)
+    recv, handle = d.dispatch(x, index, weights)
+    torch.testing.assert_close(d.combine(2 * recv, handle), 2 * weights.sum(1, keepdim=True) * x)
+    return d.mode
+
+
+def test_unequal_nodes_dedup_raises_and_auto_replicates(worlds):
+    assert worlds.run(3, _unequal_nodes, deadline_s=120) == ["replicate"] * 3
+
+
+def test_auto_rule():
+    from alltoall.ops.expert_dispatcher import choose_mode
+
+    topo = alltoall.Topology.from_node_ids
+    assert choose_mode(topo([0, 0, 1, 1], 0), 2) == "dedup"
+    assert choose_mode(topo([0, 0, 1, 1], 0), 1) == "replicate"
+    assert choose_mode(topo([0, 0, 0, 0], 0), 8) == "replicate"
+    assert choose_mode(topo([0, 1, 2, 3], 0), 8) == "dedup"
+    assert choose_mode(topo([0, 0, 1], 0), 8) == "replicate"
