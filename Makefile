@@ -1,6 +1,7 @@
 # make test   set up .venv, build, run the whole suite (GPU tests skip, saying why)
 # make test-gpu  on a machine with an NVIDIA GPU: CUDA build in .venv-gpu, the GPU tests (docs/gpu.md)
 # make bench  set up .venv, build, run the benchmark demo
+# make test-repeat  the fault and multinode tests REPEAT times under REPEAT_LOAD busy processes
 # A second run reuses .venv and rebuilds only when csrc/ or setup.py changed.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ TORCH  := torch==2.13.0
 BUILT  := $(VENV)/.alltoall-built
 SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: test test-gpu bench bench-mpi install lint cuda-check clean
+.PHONY: test test-repeat test-gpu bench bench-mpi install lint cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,17 @@ install: $(BUILT)
 
 test: $(BUILT)
 	$(BIN)/python -m pytest --durations=25
+
+# The hunt for tests that pass by chance (tests/harness/repeat.py): the tests
+# with faults, deadlines and several processes, run again and again while
+# busy processes take the cores. Failed runs keep their output.
+REPEAT      ?= 20
+REPEAT_LOAD ?= 2
+REPEAT_TESTS ?= tests/distributed/test_shm_faults.py tests/distributed/test_teardown.py \
+    tests/backend/test_backend_groups.py tests/multinode
+
+test-repeat: $(BUILT)
+	$(BIN)/python -m tests.harness.repeat --runs $(REPEAT) --load $(REPEAT_LOAD) -- $(REPEAT_TESTS)
 
 # The default sweep: 8 local ranks as 2 emulated nodes of 4 (TP groups of 2 for
 # "coordinated"), every available

@@ -14,7 +14,15 @@ from alltoall.ops import autograd, consistency, selection, traceable, validation
 from alltoall.ops.work import Work
 from alltoall.plan import Profile, make_plan
 from alltoall.topology import Topology, detect_hosts
-from alltoall.transport import GroupRef, link_class, make_transport, new_subgroups, resolve_timeout, resolve_transport
+from alltoall.transport import (
+    GroupRef,
+    abort_transports,
+    link_class,
+    make_transport,
+    new_subgroups,
+    resolve_timeout,
+    resolve_transport,
+)
 
 # The newest live Communicator of each group, so the module-level functions
 # can run algorithms that need subgroups without creating any inside a call.
@@ -256,9 +264,19 @@ class Communicator:
                              f"{', '.join(sorted(self._exchangers))}); construct alltoall.Communicator(group)")
         return resolved
 
+    def _tell_peers(self, name: str, error: ValueError) -> None:
+        """Only this rank raises on its bad input: mark its shared-memory
+        groups failed so the peers raise at once, naming it and the error,
+        instead of waiting out the timeout."""
+        abort_transports(self._transports.values(), f"{name}: ValueError: {error}")
+
     def _agree(self, name: str, x: torch.Tensor, validate, check: bool | None) -> consistency.Validated:
         if not consistency.enabled(check):
-            return validate()
+            try:
+                return validate()
+            except ValueError as error:
+                self._tell_peers(name, error)
+                raise
         # The check's collectives go through torch.distributed on this
         # group: let the queued exchanges finish first, so they keep order.
         self.progress.synchronize()
@@ -285,7 +303,11 @@ class Communicator:
             async_op is not supported there).
         """
         if not async_op and not torch.compiler.is_compiling():
-            out = self._call.all_to_all(x, algorithm, check)
+            try:
+                out = self._call.all_to_all(x, algorithm, check)
+            except ValueError as error:
+                self._tell_peers("all_to_all", error)
+                raise
             if out is not None:  # None: check=True's agreement comes first
                 return out
         return self._all_to_all_slow(x, algorithm, check, async_op)
@@ -341,7 +363,11 @@ class Communicator:
         """
 
         if not async_op:
-            result = self._call.all_to_all_v(x, input_splits, output_splits, algorithm, check)
+            try:
+                result = self._call.all_to_all_v(x, input_splits, output_splits, algorithm, check)
+            except ValueError as error:
+                self._tell_peers("all_to_all_v", error)
+                raise
             if result is not None:  # None: check=True's agreement comes first
                 return result
 
@@ -353,3 +379,11 @@ class Communicator:
             return autograd.all_to_all_v_async(x, self._exchangers[plan.algorithm], plan.input_splits,
                                                plan.output_splits, with_splits=output_splits is None)
         return self._call.all_to_all_v(x, plan.input_splits, plan.output_splits, plan.algorithm, False)
+
+    def abort(self, reason: str = "Communicator.abort() was called") -> None:
+        """Marks this Communicator's shared-memory groups failed on this rank:
+        their other members raise within about 0.2 s, naming this rank and
+        ``reason``, and every later call on either side raises at once.
+        Phases over c10d are not affected (gloo offers no abort; NCCL's is
+        the process group's own ``abort``). Safe while an exchange runs."""
+        abort_transports(self._transports.values(), reason)

@@ -19,7 +19,14 @@ from alltoall.transport.process_group import (
     resolve_timeout,
     splits_parent_communicator,
 )
-from alltoall.transport.shm import ShmMembers, ShmOptions, create_shm_transport, store_agreement
+from alltoall.transport.shm import (
+    ShmMembers,
+    ShmOptions,
+    abort_transports,
+    create_shm_transport,
+    segment_bytes,
+    store_agreement,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -30,12 +37,14 @@ __all__ = [
     "GroupRef",
     "ShmMembers",
     "ShmOptions",
+    "abort_transports",
     "create_shm_transport",
     "link_class",
     "make_transport",
     "new_subgroups",
     "resolve_timeout",
     "resolve_transport",
+    "segment_bytes",
     "splits_parent_communicator",
     "store_agreement",
     "transport_kind",

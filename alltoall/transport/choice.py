@@ -74,7 +74,8 @@ def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeou
     if kind == "c10d":
         return c10d
     members = ShmMembers(group.name, group.global_ranks, dist.get_rank(group.group))
-    return create_shm_transport(members, host_name(hosts[0]), timeout, c10d, broadcast_agreement(group))
+    return create_shm_transport(members, host_name(hosts[0]), timeout, c10d, broadcast_agreement(group),
+                                allow_fallback=requested == "auto")
 
 
 def link_class(transport: _C.Transport, hosts: Sequence[str]) -> str:

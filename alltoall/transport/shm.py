@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -84,11 +85,15 @@ class ShmOptions:
 
 @dataclass(frozen=True)
 class ShmOffer:
-    """What group rank 0 decides for a segment and every member must use."""
+    """What group rank 0 decides for a segment and every member must use.
+    Rank 0 creates the segment before it publishes the offer; ``failure`` is
+    its error when it could not (``space``: /dev/shm was too small)."""
 
     name: str
     token: str
     options: ShmOptions
+    failure: str | None = None
+    space: bool = False
 
     @classmethod
     def draw(cls, members: int, prefix: str) -> ShmOffer:
@@ -97,12 +102,14 @@ class ShmOffer:
                    ShmOptions.from_env(members))
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "token": self.token, "options": asdict(self.options)})
+        return json.dumps({"name": self.name, "token": self.token, "options": asdict(self.options),
+                           "failure": self.failure, "space": self.space})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ShmOffer:
         raw = json.loads(text)
-        return cls(raw["name"], raw["token"], ShmOptions(**raw["options"]))
+        return cls(raw["name"], raw["token"], ShmOptions(**raw["options"]), raw.get("failure"),
+                   bool(raw.get("space", False)))
 
 
 # How the members agree on rank 0's offer: rank 0 passes its offer, the
@@ -150,17 +157,59 @@ class ShmMembers:
     rank: int
 
 
+def segment_bytes(members: int, ring_bytes: int) -> int:
+    """Bytes of /dev/shm that the segment of a group of ``members`` takes
+    with rings of ``ring_bytes``: a header of 4 KiB pages (the members'
+    ranks, pids and 512-byte abort slots) plus ``members * 128`` bytes of
+    doorbells and probes, ``2 * members**2 * 64`` of counters and
+    ``members**2 * ring_bytes`` of rings, rounded up to 4 KiB."""
+    return int(_C.shm_segment_bytes(members, ring_bytes))
+
+
 def create_shm_transport(members: ShmMembers, host: str, timeout: timedelta, fallback: _C.Transport | None,
-                         agree: Agreement) -> _C.Transport:
+                         agree: Agreement, allow_fallback: bool = False) -> _C.Transport:
     """A shared-memory transport for a group whose members all run on
     ``host``. Collective over the group: rank 0 draws a random segment name
-    and job token (the name starts with ``ALLTOALL_SHM_PREFIX``), and ``agree``
-    hands them with its options to the others; rank 0 creates the segment
-    (mode 0600), the others attach, and every member unlinks the name once
-    all are attached. ``fallback`` carries tensors that are not in host
-    memory (None: they are an error)."""
+    and job token (the name starts with ``ALLTOALL_SHM_PREFIX``), creates the
+    segment (mode 0600, its bytes reserved in /dev/shm) and only then lets
+    ``agree`` hand name, token and options to the others, who attach; every
+    member unlinks the name once all are attached. ``fallback`` carries
+    tensors that are not in host memory (None: they are an error).
+
+    When rank 0 cannot create the segment, every member raises
+    ``DistBackendError`` with rank 0's error (for a full /dev/shm: the bytes
+    needed, the bytes free and the remedies), except that with
+    ``allow_fallback`` (``transport="auto"``) a group whose /dev/shm is too
+    small returns ``fallback`` (c10d) on every member instead, and rank 0
+    warns once."""
     prefix = segment_prefix()  # checked on every rank, before any communication
-    offer = agree(ShmOffer.draw(len(members.global_ranks), prefix) if members.rank == 0 else None)
+    created = None
+    if members.rank == 0:
+        offer = ShmOffer.draw(len(members.global_ranks), prefix)
+        try:
+            created = _C.shm_create_segment(offer.name, offer.token, list(members.global_ranks),
+                                            timeout.total_seconds(), offer.options.ring_bytes)
+        except _C.ShmSpaceError as error:
+            offer = replace(offer, failure=str(error), space=True)
+        except _C.ShmError as error:
+            offer = replace(offer, failure=str(error))
+        try:
+            agree(offer)
+        except BaseException:
+            if created is not None:
+                created.unlink()
+            raise
+    else:
+        offer = agree(None)
+    if offer.failure is not None:
+        where = (f"group '{members.name}' (global ranks {list(members.global_ranks)}): group rank 0 (global rank "
+                 f"{members.global_ranks[0]}) could not create its shared-memory segment on host {host}")
+        if offer.space and allow_fallback and fallback is not None:
+            if members.rank == 0:
+                warnings.warn(f"alltoall: {where}, so this group uses c10d ({fallback.kind}) instead, on every "
+                              f"member: {offer.failure}", RuntimeWarning, stacklevel=2)
+            return fallback
+        raise dist.DistBackendError(f"alltoall: shared-memory set-up of {where}: {offer.failure}")
     return _C.shm_transport(
         segment_name=offer.name,
         token=offer.token,
@@ -174,4 +223,16 @@ def create_shm_transport(members: ShmMembers, host: str, timeout: timedelta, fal
         group_name=members.name,
         host=host,
         fallback=fallback,
+        created=created,
     )
+
+
+def abort_transports(transports: object, reason: str) -> None:
+    """Marks every shared-memory transport among ``transports`` (an iterable
+    of ``_C.Transport``) aborted by this rank with ``reason``: their other
+    members raise within their next check (at most about 0.2 s), naming
+    this rank and ``reason``, and every later call on them raises at once.
+    c10d transports are left alone (gloo offers no abort)."""
+    for transport in transports:  # type: ignore[attr-defined]
+        if transport.kind == "shm":
+            transport.abort(reason)

@@ -145,6 +145,8 @@ class AlltoallBackend final : public c10d::Backend {
     std::unique_ptr<std::mutex> mutex;
   };
 
+  // Marks every transport of every plan aborted by this rank (abort/shutdown).
+  void abort_transports(const std::string& reason);
   DeviceSide& side_for(c10::DeviceType device, const char* op);
   DeviceSide& side_for(const std::vector<at::Tensor>& tensors, const char* op);
   c10d::Backend& inner_for(const std::vector<at::Tensor>& tensors, const char* op);

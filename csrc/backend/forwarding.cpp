@@ -133,7 +133,18 @@ void AlltoallBackend::setTimeout(std::chrono::milliseconds timeout) {
   for (auto& [_, side] : sides_) side.inner->setTimeout(timeout);
 }
 
+void AlltoallBackend::abort_transports(const std::string& reason) {
+  // Shared-memory peers stop waiting for this rank (they raise, naming it);
+  // gloo offers no abort, NCCL's comes through inner->abort() below.
+  for (auto& [_, side] : sides_) {
+    for (auto& [_, exchanger] : side.exchangers) {
+      for (const auto& transport : exchanger->transports()) transport->abort(reason);
+    }
+  }
+}
+
 void AlltoallBackend::abort() {
+  abort_transports("the process group's backend was aborted on this rank (abort())");
   for (auto& [_, side] : sides_) {
     side.inner->abort();
     for (auto& helper : side.helpers) helper->abort();
@@ -141,6 +152,7 @@ void AlltoallBackend::abort() {
 }
 
 void AlltoallBackend::shutdown() {
+  abort_transports("the process group's backend was shut down on this rank (shutdown())");
   for (auto& [_, side] : sides_) {
     side.inner->shutdown();
     for (auto& helper : side.helpers) helper->shutdown();

@@ -24,7 +24,7 @@ using transport::Transport;
 std::shared_ptr<Transport> make_shm(const std::string& name, const std::string& token, std::vector<int> global_ranks,
                                     int rank, double timeout_seconds, size_t ring_bytes, size_t single_copy_bytes,
                                     int spins, int yields, const std::string& group_name, const std::string& host,
-                                    std::shared_ptr<Transport> fallback) {
+                                    std::shared_ptr<Transport> fallback, transport::ShmSegment* created) {
   transport::ShmTransportSpec spec;
   spec.segment.name = name;
   spec.segment.token = token;
@@ -38,7 +38,7 @@ std::shared_ptr<Transport> make_shm(const std::string& name, const std::string& 
   spec.group_name = group_name;
   spec.host = host;
   spec.fallback = std::move(fallback);
-  return transport::make_shm_transport(std::move(spec));
+  return transport::make_shm_transport(std::move(spec), created);
 }
 
 transport::SegmentSpec segment_spec(const std::string& name, const std::string& token, std::vector<int> ranks,
@@ -75,7 +75,11 @@ void register_transport(py::module_& m) {
           [](Transport& t, at::Tensor output, at::Tensor input, const std::string& what) {
             t.all_gather(output, input, what);
           },
-          py::arg("output"), py::arg("input"), py::arg("what") = "all_gather", py::call_guard<py::gil_scoped_release>());
+          py::arg("output"), py::arg("input"), py::arg("what") = "all_gather", py::call_guard<py::gil_scoped_release>())
+      .def(
+          "abort", [](Transport& t, const std::string& reason) { t.abort(reason); }, py::arg("reason"),
+          "Tells the group's other members that this rank failed (they raise, naming it) and makes every later "
+          "call raise; shared memory only (c10d transports: no-op). Safe while an exchange runs on another thread.");
 
   m.def(
       "c10d_transport",
@@ -99,8 +103,34 @@ void register_transport(py::module_& m) {
   m.def("shm_transport", &make_shm, py::arg("segment_name"), py::arg("token"), py::arg("global_ranks"),
         py::arg("rank"), py::arg("timeout_seconds"), py::arg("ring_bytes"), py::arg("single_copy_bytes"),
         py::arg("spins"), py::arg("yields"), py::arg("group_name"), py::arg("host"), py::arg("fallback") = nullptr,
-        py::call_guard<py::gil_scoped_release>(),
-        "A shared-memory transport; collective over the members (rank 0 creates the segment).");
+        py::arg("created") = nullptr, py::call_guard<py::gil_scoped_release>(),
+        "A shared-memory transport; collective over the members. Group rank 0 passes the segment it created "
+        "with shm_create_segment (before publishing the name) as created.");
+
+  m.def(
+      "shm_create_segment",
+      [](const std::string& name, const std::string& token, std::vector<int> ranks, double timeout_seconds,
+         size_t ring_bytes) {
+        transport::ShmTransportSpec spec;
+        spec.segment = segment_spec(name, token, std::move(ranks), 0, 0, timeout_seconds);
+        spec.protocol.ring_bytes = ring_bytes;
+        return transport::create_shm_segment(std::move(spec));
+      },
+      py::arg("segment_name"), py::arg("token"), py::arg("global_ranks"), py::arg("timeout_seconds"),
+      py::arg("ring_bytes"),
+      "Group rank 0's segment, created and reserved before its name is published; ShmSpaceError when /dev/shm "
+      "cannot hold it.");
+
+  m.def(
+      "shm_segment_bytes",
+      [](int members, size_t ring_bytes) {
+        return transport::ShmSegment::total_bytes(static_cast<size_t>(members),
+                                                  transport::ShmProtocol::payload_bytes(members, ring_bytes));
+      },
+      py::arg("members"), py::arg("ring_bytes"), "Bytes of /dev/shm one group's segment takes.");
+
+  m.def("shm_test_poke", &transport::shm_test_poke, py::arg("transport"), py::arg("field"), py::arg("peer"),
+        py::arg("values"), "Test hook: writes impossible values into this rank's side of a shared-memory segment.");
 
   // The segment alone, for tests of its rendezvous and permissions.
   py::class_<transport::ShmSegment>(m, "ShmSegment", "A mapped shared-memory segment (tests).")
@@ -119,9 +149,15 @@ void register_transport(py::module_& m) {
       .def_property_readonly("mode", &transport::ShmSegment::mode)
       .def_property_readonly("name", &transport::ShmSegment::name)
       .def("alive", &transport::ShmSegment::alive, py::arg("rank"))
-      .def("unlink", &transport::ShmSegment::unlink);
+      .def("unlink", &transport::ShmSegment::unlink)
+      .def_property_readonly("aborted", &transport::ShmSegment::aborted)
+      .def("abort_report", &transport::ShmSegment::abort_report)
+      .def(
+          "mark_aborted", [](const transport::ShmSegment& s, const std::string& m) { s.mark_aborted(m, -1); },
+          py::arg("message"));
 
-  py::register_exception<transport::ShmError>(m, "ShmError", PyExc_RuntimeError);
+  auto shm_error = py::register_exception<transport::ShmError>(m, "ShmError", PyExc_RuntimeError);
+  py::register_exception<transport::ShmSpaceError>(m, "ShmSpaceError", shm_error.ptr());
 }
 
 }  // namespace alltoall::bindings

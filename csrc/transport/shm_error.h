@@ -20,6 +20,19 @@ class ShmPeerDied : public ShmError {
   using ShmError::ShmError;
 };
 
+// Another member marked the segment's abort word: `origin` is its group rank.
+class ShmAborted : public ShmError {
+ public:
+  ShmAborted(const std::string& what, int origin) : ShmError(what), origin(origin) {}
+  int origin;
+};
+
+// /dev/shm cannot hold the segment (ENOSPC or EFBIG from posix_fallocate).
+class ShmSpaceError : public ShmError {
+ public:
+  using ShmError::ShmError;
+};
+
 // "[a, b, c]", for the ranks in messages.
 inline std::string format_ranks(const std::vector<int>& ranks) {
   std::ostringstream out;

@@ -134,6 +134,61 @@ void ShmProtocol::probe_single_copy() {
   for (int peer = 0; peer < size_; ++peer) {
     single_copy_ = single_copy_ && layout.probes[peer].can_read_all.load(std::memory_order_relaxed) == 1;
   }
+  // Peer-written once, at attach: keep this rank's copy, so a later write
+  // into the table cannot redirect cross-memory reads.
+  pids_.resize(size_);
+  for (int peer = 0; peer < size_; ++peer) {
+    pids_[peer] = segment_.pid_of(peer);
+    if (pids_[peer] <= 0) {
+      throw ShmError("group rank " + std::to_string(peer) + " recorded pid " + std::to_string(pids_[peer]) +
+                     " in segment " + segment_.name() + " (corrupt segment)");
+    }
+  }
+}
+
+void ShmProtocol::ring_everyone() noexcept {
+  Layout layout(base_, size_);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  for (int j = 0; j < size_; ++j) {
+    if (j != rank_) ring_doorbell(layout.doorbells[j]);
+  }
+}
+
+void ShmProtocol::abort(const std::string& reason) noexcept {
+  segment_.mark_aborted(reason, -1);
+  ring_everyone();
+}
+
+void ShmProtocol::fail_aborted(const std::vector<int>& waiting_on) {
+  for (int j : waiting_on) {
+    if (!segment_.alive(j)) fail_waiting(waiting_on, false);
+  }
+  broken_ = true;
+  broken_reason_ = "aborted";
+  throw ShmAborted("the shared-memory segment was aborted: " + segment_.abort_report(), segment_.abort_origin());
+}
+
+void ShmProtocol::test_poke(const std::string& field, int peer, const std::vector<uint64_t>& values) {
+  if (peer < 0 || peer >= size_ || peer == rank_) throw ShmError("test_poke: bad peer " + std::to_string(peer));
+  Layout layout(base_, size_);
+  const size_t p = static_cast<size_t>(size_);
+  if (field == "posted" && values.size() == 1) {
+    layout.posted[static_cast<size_t>(rank_) * p + peer].value.store(values[0], std::memory_order_release);
+  } else if (field == "consumed" && values.size() == 1) {
+    layout.consumed[static_cast<size_t>(peer) * p + rank_].value.store(values[0], std::memory_order_release);
+  } else if (field == "header" && values.size() == 4) {
+    const size_t pair = static_cast<size_t>(rank_) * p + peer;
+    MessageHeader h{kMessageMagic, static_cast<uint32_t>(values[1]), values[0], values[2], values[3]};
+    uint64_t at = layout.posted[pair].value.load(std::memory_order_relaxed);
+    uint8_t* ring = layout.rings + pair * options_.ring_bytes;
+    const auto* src = reinterpret_cast<const uint8_t*>(&h);
+    for (size_t i = 0; i < sizeof(h); ++i) ring[(at + i) % options_.ring_bytes] = src[i];
+    sent_[peer] = at + sizeof(h);
+    layout.posted[pair].value.store(sent_[peer], std::memory_order_release);
+  } else {
+    throw ShmError("test_poke: unknown field '" + field + "' or wrong number of values");
+  }
+  ring_everyone();
 }
 
 namespace {
@@ -159,6 +214,24 @@ enum class Stage : uint8_t { kDone, kHeader, kBytes, kAwaitRead };
 }  // namespace
 
 void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
+  // Any failure here marks the segment before it unwinds: peers stop
+  // waiting for this rank, and a single-copy buffer of this rank that a
+  // peer may still read is only freed after the word is set.
+  try {
+    exchange_locked(transfers);
+  } catch (const ShmAborted& error) {
+    segment_.mark_aborted(error.what(), error.origin);
+    ring_everyone();
+    throw;
+  } catch (const ShmError& error) {
+    segment_.mark_aborted(error.what(), -1);
+    ring_everyone();
+    throw;
+  }
+}
+
+void ShmProtocol::exchange_locked(const std::vector<PeerTransfer>& transfers) {
+  if (segment_.aborted()) fail_aborted({});
   if (broken_) throw ShmError("the shared-memory transport is unusable after an earlier failure (" + broken_reason_ + ")");
   if (static_cast<int>(transfers.size()) != size_) {
     throw ShmError(std::to_string(transfers.size()) + " transfers for a group of " +
@@ -201,6 +274,14 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
     const PeerTransfer& t = transfers[j];
     uint8_t* ring = layout.rings + (static_cast<size_t>(rank_) * p + j) * ring_bytes;
     const uint64_t freed = layout.consumed[static_cast<size_t>(rank_) * p + j].value.load(std::memory_order_acquire);
+    // Peer-written: it can neither pass what was sent nor fall back more
+    // than a ring behind, or the space arithmetic below would wrap.
+    if (freed > sent_[j] || sent_[j] - freed > ring_bytes) {
+      fail("group rank " + std::to_string(j) + " (global rank " + std::to_string(segment_.global_ranks()[j]) +
+           ") wrote an impossible consumed counter " + std::to_string(freed) + " (this rank has sent " +
+           std::to_string(sent_[j]) + " bytes through a ring of " + std::to_string(ring_bytes) +
+           "): corrupt shared memory");
+    }
     if (send_stage[j] == Stage::kAwaitRead) {
       if (freed < await_read_at[j]) return false;
       send_stage[j] = Stage::kDone;
@@ -250,6 +331,12 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
     const size_t pair = static_cast<size_t>(j) * p + rank_;
     const uint8_t* ring = layout.rings + pair * ring_bytes;
     const uint64_t ready = layout.posted[pair].value.load(std::memory_order_acquire);
+    if (ready < received_[j] || ready - received_[j] > ring_bytes) {
+      fail("group rank " + std::to_string(j) + " (global rank " + std::to_string(segment_.global_ranks()[j]) +
+           ") wrote an impossible posted counter " + std::to_string(ready) + " (this rank has received " +
+           std::to_string(received_[j]) + " bytes through a ring of " + std::to_string(ring_bytes) +
+           "): corrupt shared memory");
+    }
     size_t available = static_cast<size_t>(ready - received_[j]);
     bool moved = false;
     if (recv_stage[j] == Stage::kHeader) {
@@ -261,6 +348,10 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
              " of this transport, but this rank is in call " + std::to_string(call) +
              " (the ranks issued different collectives on this group)");
       }
+      if (h.kind != kInline && !(h.kind == kSingleCopy && single_copy_)) {
+        fail("group rank " + std::to_string(j) + " sent a message header of kind " + std::to_string(h.kind) +
+             " (corrupt shared memory)");
+      }
       if (h.bytes != t.recv_bytes) {
         fail("group rank " + std::to_string(j) + " sends " + std::to_string(h.bytes) + " bytes but this rank expects " +
              std::to_string(t.recv_bytes) + " (the ranks' splits disagree)");
@@ -268,7 +359,11 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
       if (h.kind == kSingleCopy) {
         // The sender waits for `consumed` to pass this header before it
         // reuses its buffer, so advance it only once the bytes are here.
-        if (!mover_.read_remote(segment_.pid_of(j), h.address, t.recv, t.recv_bytes)) {
+        if (h.address == 0 || h.address + t.recv_bytes < h.address) {
+          fail("group rank " + std::to_string(j) + " sent an impossible buffer address " + std::to_string(h.address) +
+               " for " + std::to_string(t.recv_bytes) + " bytes (corrupt shared memory)");
+        }
+        if (!mover_.read_remote(pids_[j], h.address, t.recv, t.recv_bytes)) {
           // A sender that is dying cannot be read: the kernel drops its
           // memory before its files, so give its lock a moment to go.
           for (int i = 0; i < 100 && segment_.alive(j); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -276,6 +371,10 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
           fail("cross-memory read of " + std::to_string(t.recv_bytes) + " bytes from group rank " +
                std::to_string(j) + " failed");
         }
+        // A sender that gave up marks the word before it frees the buffer:
+        // bytes read after that may be anything, so they are not used.
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (segment_.aborted()) fail_aborted({j});
         recv_done[j] = t.recv_bytes;
       }
       received_[j] += sizeof(h);
@@ -353,7 +452,14 @@ void ShmProtocol::exchange(const std::vector<PeerTransfer>& transfers) {
       for (int j : waiting_on) dead = dead || !segment_.alive(j);
       if (dead || now >= deadline) fail_waiting(waiting_on, !dead);
     }
-    if (sleep_on_doorbell(my_doorbell, policy.sleep_slice, pass)) idle = 0;
+    if (segment_.aborted()) {
+      std::vector<int> waiting_on;
+      for (int j = 0; j < size_; ++j) {
+        if (send_stage[j] != Stage::kDone || recv_stage[j] != Stage::kDone) waiting_on.push_back(j);
+      }
+      fail_aborted(waiting_on);
+    }
+    if (sleep_on_doorbell(my_doorbell, policy.sleep_slice, [&] { return pass() || segment_.aborted(); })) idle = 0;
   }
 }
 

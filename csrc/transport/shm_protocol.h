@@ -39,7 +39,7 @@ struct ProtocolOptions {
   size_t ring_bytes = 256 * 1024;  // per ordered pair
   // Messages of at least this many bytes go by cross-memory attach when
   // every member can use it; 0 disables it.
-  size_t single_copy_bytes = 256 * 1024;
+  size_t single_copy_bytes = 64 * 1024;  // as alltoall/transport/shm.py and the docs
   WaitPolicy wait;
 };
 
@@ -67,6 +67,18 @@ class ShmProtocol {
   // Throws ShmError (ShmPeerDied for a dead peer); the caller names the step.
   void exchange(const std::vector<PeerTransfer>& transfers);
 
+  // Marks the segment's abort word with this member's `reason` and wakes
+  // every peer: they raise within their next check, naming this rank. Safe
+  // from any thread, also while an exchange runs; never throws.
+  void abort(const std::string& reason) noexcept;
+
+  // Test hook: writes what a corrupt or hostile peer could into this
+  // member's own side of the segment. `field`: "posted" (posted[rank][peer]
+  // = value), "consumed" (consumed[peer][rank] = value) or "header" (a
+  // header {call, kind, bytes, address} = values at posted[rank][peer],
+  // which then advances past it).
+  void test_poke(const std::string& field, int peer, const std::vector<uint64_t>& values);
+
   bool single_copy() const { return single_copy_; }
   const ShmSegment& segment() const { return segment_; }
   const ProtocolOptions& options() const { return options_; }
@@ -74,7 +86,12 @@ class ShmProtocol {
  private:
   struct Layout;
   void probe_single_copy();
+  void exchange_locked(const std::vector<PeerTransfer>& transfers);
   [[noreturn]] void fail_waiting(const std::vector<int>& waiting_on, bool timed_out);
+  // Raises for an aborted segment: a dead peer among `waiting_on` first
+  // (its death is the cause), else the member(s) that marked the word.
+  [[noreturn]] void fail_aborted(const std::vector<int>& waiting_on);
+  void ring_everyone() noexcept;
 
   ShmSegment segment_;
   ProtocolOptions options_;
@@ -88,6 +105,7 @@ class ShmProtocol {
   // This member's own counters: the only writer keeps them locally.
   std::vector<uint64_t> sent_;      // posted[rank][j]
   std::vector<uint64_t> received_;  // consumed[j][rank]
+  std::vector<int32_t> pids_;       // the members' pids, read once after set-up
   uint8_t* base_ = nullptr;
 };
 

@@ -78,6 +78,11 @@ class ShmTransport final : public Transport {
     run(transfers, what);
   }
 
+  void abort(const std::string& reason) noexcept override { protocol_.abort(reason); }
+
+  // Not under mutex_: a test pokes between calls.
+  ShmProtocol& protocol() { return protocol_; }
+
   std::string describe() const override {
     const auto& ranks = protocol_.segment().global_ranks();
     std::ostringstream out;
@@ -118,11 +123,14 @@ class ShmTransport final : public Transport {
 
 }  // namespace
 
-std::shared_ptr<Transport> make_shm_transport(ShmTransportSpec spec) {
+std::shared_ptr<Transport> make_shm_transport(ShmTransportSpec spec, ShmSegment* created) {
   const int members = static_cast<int>(spec.segment.global_ranks.size());
   spec.segment.bytes = ShmProtocol::payload_bytes(members, spec.protocol.ring_bytes);
   try {
-    ShmSegment segment = spec.segment.rank == 0 ? ShmSegment::create(spec.segment) : ShmSegment::attach(spec.segment);
+    if (spec.segment.rank == 0 && created == nullptr) {
+      throw ShmError("group rank 0 must create the segment before publishing its name (create_shm_segment)");
+    }
+    ShmSegment segment = created != nullptr ? std::move(*created) : ShmSegment::attach(spec.segment);
     // The protocol's set-up barrier means every member has attached.
     ShmProtocol protocol(std::move(segment), spec.protocol);
     protocol.segment().unlink();
@@ -132,6 +140,18 @@ std::shared_ptr<Transport> make_shm_transport(ShmTransportSpec spec) {
     TORCH_CHECK_WITH(DistBackendError, false, "alltoall: shared-memory set-up of group '", spec.group_name,
                      "' (rank ", spec.segment.rank, " of ", members, ") failed: ", error.what());
   }
+}
+
+ShmSegment create_shm_segment(ShmTransportSpec spec) {
+  const int members = static_cast<int>(spec.segment.global_ranks.size());
+  spec.segment.bytes = ShmProtocol::payload_bytes(members, spec.protocol.ring_bytes);
+  return ShmSegment::create(spec.segment);
+}
+
+void shm_test_poke(Transport& transport, const std::string& field, int peer, const std::vector<uint64_t>& values) {
+  auto* shm = dynamic_cast<ShmTransport*>(&transport);
+  TORCH_CHECK_VALUE(shm != nullptr, "shm_test_poke needs a shared-memory transport, got ", transport.kind());
+  shm->protocol().test_poke(field, peer, values);
 }
 
 }  // namespace alltoall::transport

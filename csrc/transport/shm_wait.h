@@ -57,6 +57,11 @@ template <typename Recheck>
 bool sleep_on_doorbell(Doorbell& mine, std::chrono::milliseconds slice, Recheck&& recheck) {
   const uint32_t seen = mine.rings.load(std::memory_order_seq_cst);
   mine.sleeping.store(1, std::memory_order_seq_cst);
+  // The recheck's loads are acquire loads: without a full fence they may be
+  // satisfied before the store above is visible (store-load reordering;
+  // x86's xchg happens to forbid it, AArch64's stlr does not), and the
+  // Dekker pair with ring_doorbell would lose a wake-up.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   if (recheck()) {
     mine.sleeping.store(0, std::memory_order_relaxed);
     return true;

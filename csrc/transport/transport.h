@@ -34,6 +34,14 @@ class Transport {
 
   // The group, for error messages: its name and its global ranks.
   virtual std::string describe() const = 0;
+
+  // Tells the group's other members that this rank failed with `reason`,
+  // so that they stop waiting for it (they raise, naming this rank), and
+  // makes every later call raise. Safe from any thread, never throws. The
+  // shared-memory transport marks its segment's abort word; c10d
+  // transports do nothing here (the c10d backend's own abort(), where it
+  // has one, is the Backend's: docs/multinode.md).
+  virtual void abort(const std::string& reason) noexcept { (void)reason; }
 };
 
 }  // namespace alltoall::transport

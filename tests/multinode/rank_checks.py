@@ -47,7 +47,9 @@ from tests.multinode.exchange_checks import CHECKS
 
 BACKEND_ENV = "ALLTOALL_TEST_BACKEND"
 FAULT_SEEN_EXIT = 3
-FAULT_REPORT_GRACE_S = 3.0
+# How long a survivor of a fault waits for its host peers' reports: past the
+# Communicator timeout (every survivor fails by then) with room for 2 loaded cores.
+FAULT_REPORT_WAIT_SLACK_S = 60.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,6 +132,7 @@ def fault_suite(args: argparse.Namespace, launch: LaunchInfo, report: dict[str, 
     device = device_for(launch.backend, launch.local_rank)
     comm = alltoall.Communicator(timeout=args.timeout)
     report["topology"] = describe_topology(comm)
+    report["host_ranks"] = list(comm.topology.ranks_of_node(comm.topology.node))
     x = torch.arange(4 * comm.size, dtype=torch.float32, device=device)
     algorithms = ("hierarchical", "flat") if comm.topology.uniform else ("flat",)
     for i in range(args.fault_iterations):
@@ -146,6 +149,17 @@ def fault_suite(args: argparse.Namespace, launch: LaunchInfo, report: dict[str, 
                                  "call_started": started, "at": time.time()}
             return
     raise AssertionError(f"{args.fault_iterations} exchanges finished although rank {args.fault_rank} failed")
+
+
+def wait_for_host_peers(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Waits, bounded, until every rank on this host but the failed one has
+    written its report (the fault suite records the host's ranks)."""
+    peers = [r for r in report.get("host_ranks", []) if r != args.fault_rank]
+    deadline = time.monotonic() + args.timeout + FAULT_REPORT_WAIT_SLACK_S
+    while time.monotonic() < deadline:
+        if all(os.path.exists(os.path.join(args.out, f"rank{r}.json")) for r in peers):
+            return
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {rank}: FAILED\n{report['error']}", file=sys.stderr, flush=True)
     if args.suite == "fault" or failed:
         # After a fault the group is broken: tearing it down could block, so
-        # leave without it. But not at once: a launcher ends its other workers
-        # when one exits, and a peer on this host that detects the fault a
-        # little later (shared memory, then a TCP phase) must still report.
+        # leave without it. But not before every survivor on this host has
+        # reported: a launcher ends its other workers when one exits, and a
+        # peer that detects the fault later (shared memory, then a TCP phase,
+        # on loaded cores) must still report. A fixed grace raced that.
         if args.suite == "fault":
-            time.sleep(FAULT_REPORT_GRACE_S)
+            wait_for_host_peers(args, report)
         sys.stdout.flush()
         os._exit(1 if failed else FAULT_SEEN_EXIT)
     dist.destroy_process_group()
