@@ -325,7 +325,7 @@ def _bad_input_messages() -> int:
 
 
 def test_bad_input_raises_the_same_value_errors_before_communication(worlds):
-    checked = worlds.run(4, _bad_input_messages, deadline_s=300)
+    checked = worlds.run(4, _bad_input_messages, deadline_s=120)
     assert checked[0] == 11 + 9 + 7 and checked[1:] == [0, 0, 0]
 
 
