@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import alltoall
-from tests.harness.checks import assert_same_bytes, rank_input
+from tests.harness.checks import assert_same_bytes, in_step_after_a_value_error, rank_input
 
 WORLDS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]
@@ -124,6 +124,8 @@ def _bad_input_raises_before_communicating() -> None:
                 call()
     # The group is still in step: a real exchange on every rank works.
     x = rank_input(rank, 8, (), torch.float32)
+    comm = in_step_after_a_value_error(comm, lambda: alltoall.Communicator(local_size=2),
+                                       lambda c: c.all_to_all(x, "hierarchical"))
     assert_same_bytes(comm.all_to_all(x, "hierarchical"), reference(x))
 
 

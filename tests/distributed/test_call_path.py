@@ -21,7 +21,7 @@ from alltoall.ops import validation
 from alltoall.ops.communicator import Communicator
 from alltoall.plan import LinkCost, Profile
 from alltoall.plan import profile as profiles
-from tests.harness.checks import assert_same_bytes, rank_input
+from tests.harness.checks import assert_same_bytes, in_step_after_a_value_error, rank_input
 
 # Every dtype torch can hold in a plain tensor, by bytes per element.
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
@@ -312,14 +312,8 @@ def _bad_input_messages() -> int:
             ([2] * p, [2] * p)
         assert comm._call.validate_v(y, iter([2] * p), range(2, 2 + p), "flat") == ("flat", [2] * p, [2, 3, 4, 5])
     y = rank_input(rank, 2 * p, (2,), torch.float32)
-    if "shm" in comm.transports("hierarchical"):
-        # Rank 0 failed alone: its shared-memory groups are marked failed
-        # (issue 24), so every rank's next call raises, naming rank 0.
-        with pytest.raises(dist.DistBackendError, match="ValueError"):
-            comm.all_to_all(y, "hierarchical")
-        comm = alltoall.Communicator(local_size=2)
-    # Nothing was communicated: the group is in step, a real exchange works
-    # (over gloo on the same Communicator, which has no abort to mark).
+    comm = in_step_after_a_value_error(comm, lambda: alltoall.Communicator(local_size=2),
+                                       lambda c: c.all_to_all(y, "hierarchical"))
     assert_same_bytes(comm.all_to_all(y, "hierarchical"), reference(y))
     return checked
 

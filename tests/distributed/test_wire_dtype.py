@@ -5,16 +5,13 @@ ValueError naming the value before any communication."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import alltoall
-from alltoall.ops import autograd as ops_autograd
 from alltoall.ops import wire
-from tests.harness.checks import assert_same_bytes
+from tests.harness.checks import assert_same_bytes, in_step_after_a_value_error
 
 WORLDS = [(2, 1), (4, 2)]
 FP8 = torch.float8_e4m3fn
@@ -99,25 +96,9 @@ def test_gradients_are_straight_through(worlds, world, local_size):
     worlds.run(world, _gradients, local_size)
 
 
-@contextlib.contextmanager
-def recording_bytes():
-    """The bytes every exchange hands to the executor, in order."""
-    seen: list[int] = []
-    saved = ops_autograd.all_to_all, ops_autograd.all_to_all_v
-
-    def equal(x, exchanger):
-        seen.append(x.numel() * x.element_size())
-        return saved[0](x, exchanger)
-
-    def uneven(x, exchanger, ins, outs):
-        seen.append(x.numel() * x.element_size())
-        return saved[1](x, exchanger, ins, outs)
-
-    ops_autograd.all_to_all, ops_autograd.all_to_all_v = equal, uneven
-    try:
-        yield seen
-    finally:
-        ops_autograd.all_to_all, ops_autograd.all_to_all_v = saved
+def _sent(comm: alltoall.Communicator) -> int:
+    """Payload bytes this rank has sent to other ranks (the executors' counters)."""
+    return sum(b for ex in comm._exchangers.values() for _, b in ex.traffic())
 
 
 def _bytes_on_the_wire() -> None:
@@ -126,19 +107,27 @@ def _bytes_on_the_wire() -> None:
     rows, cols = 4 * p, 512
     x = rank_tensor(rows, cols, torch.float32, 3)
     fp32 = rows * cols * 4
-    with recording_bytes() as seen:
-        comm.all_to_all(x)
-        comm.all_to_all(x, wire_dtype=torch.bfloat16)
-        comm.all_to_all(x, wire_dtype=FP8)
-        comm.all_to_all_v(x, [4] * p, [4] * p, wire_dtype=FP8)
-    # FP8: one byte per value plus 4 bytes per 128 values (4 scales of 4
-    # bytes for 512 channels): 1/4 + 1/128 of the fp32 bytes.
-    assert seen == [fp32, fp32 // 2, fp32 // 4 + fp32 // 128, fp32 // 4 + fp32 // 128]
+    seen: list[int] = []
+
+    def record(call) -> None:
+        before = _sent(comm)
+        call()
+        seen.append(_sent(comm) - before)
+
+    record(lambda: comm.all_to_all(x))
+    record(lambda: comm.all_to_all(x, wire_dtype=torch.bfloat16))
+    record(lambda: comm.all_to_all(x, wire_dtype=FP8))
+    record(lambda: comm.all_to_all_v(x, [4] * p, [4] * p, wire_dtype=FP8))
+    # Equal splits: (p - 1) / p of the buffer goes to other ranks. FP8: one
+    # byte per value plus 4 bytes per 128 values (4 scales of 4 bytes for
+    # 512 channels): 1/4 + 1/128 of the fp32 bytes.
+    others = [total * (p - 1) // p for total in (fp32, fp32 // 2, fp32 // 4 + fp32 // 128, fp32 // 4 + fp32 // 128)]
+    assert seen == others
     assert wire.row_bytes(cols, torch.float32, FP8) * rows == fp32 // 4 + fp32 // 128
     # M = 129: two blocks, 129 + 8 bytes per row.
-    with recording_bytes() as seen:
-        comm.all_to_all(rank_tensor(rows, 129, torch.float32, 4), wire_dtype=FP8)
-    assert seen == [rows * (129 + 8)]
+    seen.clear()
+    record(lambda: comm.all_to_all(rank_tensor(rows, 129, torch.float32, 4), wire_dtype=FP8))
+    assert seen == [rows * (129 + 8) * (p - 1) // p]
 
 
 def test_exact_bytes(worlds):
@@ -162,6 +151,7 @@ def _bad_arguments() -> None:
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    comm = in_step_after_a_value_error(comm, alltoall.Communicator, lambda c: c.all_to_all(x, wire_dtype=FP8))
     # Nothing was sent by the failing calls: the group still pairs up.
     assert_same_bytes(comm.all_to_all(x, wire_dtype=FP8), exchange(wire.round_trip(x, FP8)), "after errors")
 

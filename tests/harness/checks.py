@@ -25,3 +25,20 @@ def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     if not torch.equal(a, b):
         bad = (a != b).nonzero()
         raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} bytes differ, first at byte {int(bad[0])}")
+
+
+def in_step_after_a_value_error(comm, rebuild, probe) -> object:
+    """A Communicator to go on with after a rank raised ValueError on ``comm``.
+
+    Over shared memory the raising rank marked its groups failed (issue 24),
+    so that peers stop waiting for it: every rank's next call (``probe(comm)``)
+    raises, naming that error, and ``rebuild()`` makes a new Communicator.
+    Over c10d (gloo has no abort) ``comm`` itself goes on."""
+    import pytest
+    import torch.distributed as dist
+
+    if any("shm" in comm.transports(name) for name in comm._exchangers):
+        with pytest.raises(dist.DistBackendError, match="ValueError"):
+            probe(comm)
+        return rebuild()
+    return comm
