@@ -161,8 +161,10 @@ void ShmProtocol::abort(const std::string& reason) noexcept {
 }
 
 void ShmProtocol::fail_aborted(const std::vector<int>& waiting_on) {
+  // A peer that died without marking its slot is the cause; one that
+  // marked it and then left said why, so its message is reported.
   for (int j : waiting_on) {
-    if (!segment_.alive(j)) fail_waiting(waiting_on, false);
+    if (!segment_.marked(j) && !segment_.alive(j)) fail_waiting(waiting_on, false);
   }
   broken_ = true;
   broken_reason_ = "aborted";

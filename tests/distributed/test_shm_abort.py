@@ -75,11 +75,14 @@ def _explicit_abort() -> tuple[str, float]:
         comm.abort("the trainer gave up on this rank")
         with pytest.raises(dist.DistBackendError, match="aborted"):
             comm.all_to_all(x, "flat")
+        dist.barrier()  # stay until the others have seen it
         return "aborted", 0.0
     with pytest.raises(dist.DistBackendError) as info:
         for _ in range(100):
             comm.all_to_all(x, "flat")
-    return str(info.value), time.monotonic() - start
+    elapsed = time.monotonic() - start
+    dist.barrier()
+    return str(info.value), elapsed
 
 
 def test_abort_from_one_rank_stops_the_others(world_pools):
@@ -124,14 +127,22 @@ def _corrupt(field: str, values: list[int]) -> str:
     transport.all_to_all(out, x, [], [], "first")
     dist.barrier()
     if rank == 1:
+        # Rank 1 writes the impossible value and stays out of the call, so
+        # its own sends cannot overwrite it before rank 0 reads it.
         _C.shm_test_poke(transport, field, 0, values)
+        dist.barrier()
+    else:
+        dist.barrier()
+        with pytest.raises(dist.DistBackendError) as info:
+            transport.all_to_all(out, x, [], [], "after the corruption")
+        message = str(info.value)
     dist.barrier()
-    with pytest.raises(dist.DistBackendError) as info:
-        # Rank 1 may finish this call (rank 0 posts before it reads), but
-        # not the next: rank 0 has marked the segment by then.
-        for call in range(3):
-            transport.all_to_all(out, x, [], [], f"after the corruption ({call})")
-    return str(info.value)
+    if rank == 1:
+        # Rank 0 marked the segment: rank 1's next call raises at once.
+        with pytest.raises(dist.DistBackendError) as info:
+            transport.all_to_all(out, x, [], [], "next")
+        message = str(info.value)
+    return message
 
 
 @pytest.mark.parametrize(
