@@ -126,9 +126,13 @@ def _bad_input_raises_before_communicating() -> None:
         for call, message in cases:
             with pytest.raises(ValueError, match=message):
                 call()
-    # The group is still in step: a real exchange on every rank works.
+    # The group is still in step: a real exchange on every rank works. On a
+    # Communicator built after the bad calls: a ValueError raised by one
+    # rank alone marks its Communicators' shared-memory segments aborted
+    # (issue 24), so that their peers stop waiting for it.
     x = rank_input(rank, 8, (), torch.float32)
-    assert_same_bytes(comm.all_to_all(x, "hierarchical"), reference(x))
+    fresh = alltoall.Communicator(local_size=2)
+    assert_same_bytes(fresh.all_to_all(x, "hierarchical"), reference(x))
 
 
 def test_bad_input_raises_value_error_before_communication(worlds):

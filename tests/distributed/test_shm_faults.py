@@ -70,7 +70,8 @@ def test_survivors_name_the_dead_peer(when):
     results = ctx.Queue()
     release = ctx.Event()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results, release)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results, release))
+                 for r in range(WORLD)]
         for p in procs:
             p.start()
         reports = {}

@@ -44,7 +44,7 @@ def _rank(rank: int, store_path: str, results: mp.Queue) -> None:
         try:
             alltoall.Communicator(transport="shm", timeout=TIMEOUT_S)
             report["shm"] = "constructed"
-        except Exception as error:  # noqa: BLE001 - reported to the test
+        except Exception as error:
             report["shm"] = f"{type(error).__name__}: {error}"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -59,7 +59,7 @@ def _rank(rank: int, store_path: str, results: mp.Queue) -> None:
         dist.barrier()
         del comm
         dist.destroy_process_group()
-    except BaseException as error:  # noqa: BLE001
+    except BaseException as error:
         report["error"] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
     results.put(report)
     results.close()
@@ -78,7 +78,8 @@ def main() -> None:
             p.join(timeout=30)
     for report in sorted(reports, key=lambda r: r["rank"]):
         print(json.dumps(report), flush=True)
-    print(json.dumps({"exitcodes": [p.exitcode for p in procs], "left": sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))}), flush=True)
+    left = sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))  # not multiprocessing's own
+    print(json.dumps({"exitcodes": [p.exitcode for p in procs], "left": left}), flush=True)
 
 
 def _why_not() -> str | None:
