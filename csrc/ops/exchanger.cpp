@@ -137,6 +137,30 @@ void Exchanger::check_uneven(const at::Tensor& input, const std::vector<int64_t>
   if (output_splits) check_splits("output_splits", *output_splits, plan_.num_blocks);
 }
 
+void Exchanger::move(size_t phase, at::Tensor& received, at::Tensor& sent, const std::vector<int64_t>& recv,
+                     const std::vector<int64_t>& send, const std::string& step) const {
+  try {
+    transports_[phase]->all_to_all(received, sent, recv, send, step);
+  } catch (const std::exception& error) {
+    abort_others(phase, error.what());
+    throw;
+  }
+}
+
+void Exchanger::abort_others(size_t failed, const char* what) const noexcept {
+  // This rank leaves the plan at a failed phase, so the members of its
+  // other groups would wait for it until their timeout: mark those groups
+  // failed (shared memory; c10d transports ignore it) so they raise at once,
+  // naming this rank and the cause. The failed phase's own group is left
+  // alone: its members see the cause themselves, and should name it, not us.
+  const std::string cause(what);
+  const std::string reason = "a " + plan::to_string(plan_.algorithm) + " exchange failed in phase " +
+                             std::to_string(failed + 1) + ": " + cause.substr(0, 300);
+  for (size_t j = 0; j < transports_.size(); ++j) {
+    if (transports_[j] != transports_[failed]) transports_[j]->abort(reason);
+  }
+}
+
 at::Tensor Exchanger::run_equal(const at::Tensor& source, const at::Tensor& out) const {
   at::Tensor buffer = as_byte_rows(source);
   const Sizes sizes(plan_.num_blocks, source.size(0) / plan_.num_blocks);
@@ -146,7 +170,7 @@ at::Tensor Exchanger::run_equal(const at::Tensor& source, const at::Tensor& out)
     if (!phase.pre_permutation.empty()) buffer = reorder_blocks(buffer, sizes, phase.pre_permutation);
     const bool last = i + 1 == plan_.phases.size();
     at::Tensor received = last && into_out ? out : at::empty_like(buffer);
-    transports_[i]->all_to_all(received, buffer, {}, {}, steps_[i][0]);
+    move(i, received, buffer, {}, {}, steps_[i][0]);
     count(i, buffer.numel() - buffer.numel() / transports_[i]->size());
     buffer = std::move(received);
   }
@@ -181,7 +205,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& s
       // gets the sizes of the blocks it is about to receive, O(p) per rank.
       at::Tensor counts = at::tensor(sizes, source.options().dtype(at::kLong));
       at::Tensor counts_in = at::empty_like(counts);
-      transports_[i]->all_to_all(counts_in, counts, {}, {}, steps_[i][1]);
+      move(i, counts_in, counts, {}, {}, steps_[i][1]);
       counts_in = counts_in.cpu();
       const int64_t* c = counts_in.const_data_ptr<int64_t>();
       received_sizes.assign(c, c + counts_in.numel());
@@ -189,7 +213,7 @@ std::pair<at::Tensor, std::vector<int64_t>> Exchanger::run_v(const at::Tensor& s
     const Sizes send = sum_per_peer(sizes, phase.blocks_per_peer);
     const Sizes recv = sum_per_peer(received_sizes, phase.blocks_per_peer);
     at::Tensor received = last && into_out ? out : at::empty({total(recv), buffer.size(1)}, buffer.options());
-    transports_[i]->all_to_all(received, buffer, recv, send, steps_[i][2]);
+    move(i, received, buffer, recv, send, steps_[i][2]);
     count(i, (total(send) - send[phase.index_in_group]) * buffer.size(1));
     buffer = std::move(received);
     sizes = std::move(received_sizes);

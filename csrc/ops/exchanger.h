@@ -101,6 +101,11 @@ class Exchanger {
                                                     const std::optional<std::vector<int64_t>>& output_splits,
                                                     const at::Tensor& out) const;
   void count(size_t phase, int64_t bytes_to_others) const;
+  // Runs phase `phase`'s transport call; when it throws, marks every other
+  // group of the plan failed (abort_others) before rethrowing.
+  void move(size_t phase, at::Tensor& received, at::Tensor& sent, const std::vector<int64_t>& recv,
+            const std::vector<int64_t>& send, const std::string& step) const;
+  void abort_others(size_t failed, const char* what) const noexcept;
 
   plan::ExchangePlan plan_;
   std::vector<std::shared_ptr<transport::Transport>> transports_;

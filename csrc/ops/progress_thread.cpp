@@ -6,6 +6,8 @@
 
 #include <pthread.h>
 
+#include <system_error>
+
 namespace alltoall::ops {
 
 namespace {
@@ -83,11 +85,18 @@ std::shared_ptr<Work> ProgressThread::submit(Task task, std::string label) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!stopping_, "alltoall: ", name_, " is shutting down; cannot queue ", label);
+    // The worker first: a thread that cannot be created (EAGAIN) must not
+    // leave a queued task behind that synchronize() and the destructor
+    // would wait for forever.
+    if (!worker_.joinable()) {
+      try {
+        worker_ = std::thread([this] { loop(); });
+      } catch (const std::system_error& error) {
+        TORCH_CHECK(false, "alltoall: ", name_, ": cannot start its progress thread for ", label, ": ", error.what());
+      }
+    }
     queue_.push_back(Entry{std::move(task), work, c10::ThreadLocalDebugInfo::current(),
                            at::get_record_function_tls_()});
-    if (!worker_.joinable()) {
-      worker_ = std::thread([this] { loop(); });
-    }
     done = take_finished();
   }
   changed_.notify_all();
@@ -116,6 +125,8 @@ ExchangeResult ProgressThread::run(const Task& task, const std::string& label) {
       self->changed_.notify_all();
     }
   } release{this};
+  // As on the worker: tasks must not build autograd graphs.
+  c10::AutoGradMode no_grad(false);
   RECORD_FUNCTION(label, std::vector<c10::IValue>());
   return task();
 }

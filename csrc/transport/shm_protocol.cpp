@@ -100,6 +100,7 @@ ShmProtocol::ShmProtocol(ShmSegment segment, ProtocolOptions options, const Byte
       size_(segment_.size()),
       sent_(segment_.size(), 0),
       received_(segment_.size(), 0),
+      freed_(segment_.size(), 0),
       base_(segment_.payload()) {
   if (options_.ring_bytes < 2 * sizeof(MessageHeader) || options_.ring_bytes % 64 != 0) {
     throw ShmError("ring size " + std::to_string(options_.ring_bytes) + " must be a multiple of 64 and at least " +
@@ -160,8 +161,10 @@ void ShmProtocol::abort(const std::string& reason) noexcept {
 }
 
 void ShmProtocol::fail_aborted(const std::vector<int>& waiting_on) {
+  // A peer that died without marking its slot is the cause; one that
+  // marked it and then left said why, so its message is reported.
   for (int j : waiting_on) {
-    if (!segment_.alive(j)) fail_waiting(waiting_on, false);
+    if (!segment_.marked(j) && !segment_.alive(j)) fail_waiting(waiting_on, false);
   }
   broken_ = true;
   broken_reason_ = "aborted";
@@ -276,12 +279,13 @@ void ShmProtocol::exchange_locked(const std::vector<PeerTransfer>& transfers) {
     const uint64_t freed = layout.consumed[static_cast<size_t>(rank_) * p + j].value.load(std::memory_order_acquire);
     // Peer-written: it can neither pass what was sent nor fall back more
     // than a ring behind, or the space arithmetic below would wrap.
-    if (freed > sent_[j] || sent_[j] - freed > ring_bytes) {
+    if (freed > sent_[j] || freed < freed_[j] || sent_[j] - freed > ring_bytes) {
       fail("group rank " + std::to_string(j) + " (global rank " + std::to_string(segment_.global_ranks()[j]) +
            ") wrote an impossible consumed counter " + std::to_string(freed) + " (this rank has sent " +
-           std::to_string(sent_[j]) + " bytes through a ring of " + std::to_string(ring_bytes) +
+           std::to_string(sent_[j]) + " bytes, of which it had read " + std::to_string(freed_[j]) + ", through a ring of " + std::to_string(ring_bytes) +
            "): corrupt shared memory");
     }
+    freed_[j] = freed;
     if (send_stage[j] == Stage::kAwaitRead) {
       if (freed < await_read_at[j]) return false;
       send_stage[j] = Stage::kDone;

@@ -105,6 +105,7 @@ class ShmProtocol {
   // This member's own counters: the only writer keeps them locally.
   std::vector<uint64_t> sent_;      // posted[rank][j]
   std::vector<uint64_t> received_;  // consumed[j][rank]
+  std::vector<uint64_t> freed_;     // consumed[rank][j] as last read: it never goes back
   std::vector<int32_t> pids_;       // the members' pids, read once after set-up
   uint8_t* base_ = nullptr;
 };

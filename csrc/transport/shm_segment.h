@@ -75,6 +75,8 @@ class ShmSegment {
   // "group rank 2 (global rank 5, pid 123) failed: <its message>" for the
   // members that failed by themselves (or, if none did, all that marked).
   std::string abort_report() const;
+  // Whether member `rank` marked its abort slot.
+  bool marked(int rank) const { return slot(rank)->state.load(std::memory_order_acquire) != 0; }
   // The first member that failed by itself (-1: none marked yet).
   int abort_origin() const;
 

@@ -122,7 +122,9 @@ def _bad_input_raises_before_communicating() -> None:
         for call, message in cases:
             with pytest.raises(ValueError, match=message):
                 call()
-    # The group is still in step: a real exchange on every rank works.
+    # The group is still in step: a real exchange on every rank works (over
+    # shared memory on a rebuilt Communicator: a ValueError raised by one
+    # rank alone marks its segments aborted, issue 24, so peers stop waiting).
     x = rank_input(rank, 8, (), torch.float32)
     comm = in_step_after_a_value_error(comm, lambda: alltoall.Communicator(local_size=2),
                                        lambda c: c.all_to_all(x, "hierarchical"))

@@ -1,0 +1,238 @@
+"""The fault campaign of issue 24 (bench, not CI): N trials of 8 ranks on
+one host, each a loop of random-size exchanges in which one rank, at a
+random call, suffers one fault:
+
+- ``kill``: SIGKILL;
+- ``stop``: SIGSTOP, past the timeout (the harness SIGKILLs it afterwards);
+- ``raise``: an argument error on that rank alone (input splits that do not
+  sum to its rows), caught; the rank lives on, idle;
+- ``fill``: /dev/shm is filled to the last byte by a file (the run is in a
+  private mount namespace with its own tmpfs, so the host's /dev/shm is
+  untouched); no rank fails, so every rank must finish with right results.
+
+Configurations rotate over flat and hierarchical (emulated 2 x 4 nodes,
+``local_size=4``) and both transports (shm, c10d over gloo). Reported per
+(transport, fault): trials, hangs (a survivor still in a call at fault time
++ timeout + 5 s), wrong results, the survivors' detection time (their error
+minus the fault; p50, p99, max), and, over the campaign, segments left in
+/dev/shm and processes left.
+
+  flock /tmp/alltoall-bench.lock .venv/bin/python bench/faults.py --trials 16
+
+Root re-runs itself in a private mount namespace (``unshare -m``) with a
+256 MiB tmpfs on /dev/shm, for ``fill``; elsewhere ``fill`` is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import timedelta
+
+WORLD = 8
+PREFIX = f"alltoall-faults{os.getpid()}-"
+FAULTS = ("kill", "stop", "raise", "fill")
+CONFIGS = [(alg, tr) for tr in ("shm", "c10d") for alg in ("flat", "hierarchical")]
+
+
+def _expected(p: int, rank: int, rows: list[list[int]], width: int, call: int):
+    import torch
+
+    # Row r from source s for this rank holds s * 1e4 + call * 10 + r % 10.
+    parts = [torch.full((rows[s][rank], width), float(s * 10000 + call * 10)) +
+             (torch.arange(rows[s][rank]) % 10).unsqueeze(1).float() for s in range(p)]
+    return torch.cat(parts)
+
+
+def _input(p: int, rank: int, rows: list[list[int]], width: int, call: int):
+    import torch
+
+    parts = [torch.full((rows[rank][d], width), float(rank * 10000 + call * 10)) +
+             (torch.arange(rows[rank][d]) % 10).unsqueeze(1).float() for d in range(p)]
+    return torch.cat(parts)
+
+
+def _rank(rank: int, store: str, cfg: dict, fault_at, results, release) -> None:
+    os.environ["ALLTOALL_SHM_PREFIX"] = PREFIX
+    import torch
+    import torch.distributed as dist
+
+    import alltoall
+
+    torch.set_num_threads(1)
+    rng = random.Random(cfg["seed"])
+    state = "setup"
+    try:
+        dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank, world_size=WORLD,
+                                timeout=timedelta(seconds=cfg["timeout"]))
+        local = 4 if cfg["algorithm"] == "hierarchical" else None
+        comm = alltoall.Communicator(transport=cfg["transport"], timeout=cfg["timeout"], local_size=local)
+        dist.barrier()
+        wrong = 0
+        for call in range(cfg["calls"]):
+            width = rng.choice([1, 16, 256])
+            rows = [[rng.randrange(0, rng.choice([4, 64, 2048])) for _ in range(WORLD)] for _ in range(WORLD)]
+            x = _input(WORLD, rank, rows, width, call)
+            if call == cfg["at"] and rank == cfg["victim"]:
+                fault_at.value = time.time()
+                if cfg["fault"] == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if cfg["fault"] == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                if cfg["fault"] == "raise":
+                    try:
+                        comm.all_to_all_v(x, [r + 1 for r in rows[rank]], [rows[s][rank] for s in range(WORLD)],
+                                          cfg["algorithm"])
+                    except ValueError:
+                        pass
+                    results.put((rank, "victim", "", 0.0, wrong))
+                    release.wait(10 * cfg["timeout"])
+                    os._exit(0)
+            if call == cfg["at"] and rank == 0 and cfg["fault"] == "fill":
+                fault_at.value = time.time()
+                _fill_dev_shm()
+            state = "in-call"
+            out = comm.all_to_all_v(x, rows[rank], [rows[s][rank] for s in range(WORLD)], cfg["algorithm"])
+            state = "between"
+            if not torch.equal(out, _expected(WORLD, rank, rows, width, call)):
+                wrong += 1
+        results.put((rank, "completed", "", time.time(), wrong))
+    except BaseException as error:
+        results.put((rank, type(error).__name__, f"[{state}] {str(error)[:400]}", time.time(), 0))
+    finally:
+        results.close()
+        results.join_thread()
+        release.wait(10 * cfg["timeout"])
+        os._exit(0)  # a dead peer can hang gloo's teardown
+
+
+def _fill_dev_shm() -> None:
+    path = f"/dev/shm/{PREFIX}fill"
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    # The segments were reserved at creation: exchanges go on. Free it again
+    # at the end of the trial (the harness removes it).
+
+
+def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: float, seed: int) -> dict:
+    ctx = mp.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    fault_at = ctx.Value("d", 0.0)
+    rng = random.Random(seed)
+    cfg = {"seed": seed, "fault": fault, "algorithm": algorithm, "transport": transport, "timeout": timeout,
+           "calls": 40, "at": rng.randrange(5, 30), "victim": rng.randrange(WORLD)}
+    if fault == "fill":
+        cfg["victim"] = -1
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), cfg, fault_at, results, release))
+                 for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        reports: dict[int, tuple] = {}
+        expected = WORLD if cfg["victim"] < 0 or fault == "raise" else WORLD - 1
+        deadline = None
+        start = time.time()
+        while len(reports) < expected:
+            if fault_at.value and deadline is None:
+                deadline = fault_at.value + timeout + 5
+            left = (deadline or start + 20 * timeout + 120) - time.time()
+            if left <= 0:
+                break
+            try:
+                item = results.get(timeout=min(left, 1.0))
+            except Exception:
+                continue
+            reports[item[0]] = item
+        release.set()
+        for p in procs:
+            p.join(timeout=15)
+        survivors = [p for p in procs if p.is_alive()]
+        for p in survivors:
+            os.kill(p.pid, signal.SIGKILL)  # the stopped victim, and any hung rank
+            p.join(timeout=5)
+        left_procs = sum(1 for p in procs if p.is_alive())
+    try:
+        os.unlink(f"/dev/shm/{PREFIX}fill")
+    except FileNotFoundError:
+        pass
+    hangs = [r for r in range(WORLD) if r != cfg["victim"] and r not in reports]
+    detections = [item[3] - fault_at.value for r, item in reports.items()
+                  if item[1] not in ("completed", "victim") and fault_at.value]
+    errors = sorted({item[1] for item in reports.values()})
+    wrong = sum(item[4] for item in reports.values())
+    # A survivor that completed while the victim failed is only right under
+    # "fill"; elsewhere every survivor must raise (its next call needs the victim).
+    unexpected = [r for r, item in reports.items() if fault != "fill" and item[1] == "completed"]
+    if fault == "fill":
+        unexpected = [r for r, item in reports.items() if item[1] != "completed"]
+    sample = next((item[2] for item in reports.values() if item[1] not in ("completed", "victim")), "")
+    return {"trial": index, "fault": fault, "algorithm": algorithm, "transport": transport, "victim": cfg["victim"],
+            "at": cfg["at"], "hangs": hangs, "detections": detections, "errors": errors, "wrong": wrong,
+            "unexpected": unexpected, "processes_left": left_procs, "victim_exit": procs[cfg["victim"]].exitcode
+            if cfg["victim"] >= 0 else None, "sample": sample}
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=10.0, help="the Communicators' timeout, seconds")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--json", default=None, help="write every trial's record here")
+    args = parser.parse_args()
+    faults = args.faults.split(",")
+    if "fill" in faults and os.environ.get("ALLTOALL_FAULTS_NS") != "1":
+        if os.geteuid() == 0:
+            env = {**os.environ, "ALLTOALL_FAULTS_NS": "1"}
+            command = (f"mount -t tmpfs -o size=256m tmpfs /dev/shm && exec {sys.executable} "
+                       + " ".join(map(repr, [os.path.abspath(__file__), *sys.argv[1:]])))
+            sys.exit(subprocess.call(["unshare", "-m", "sh", "-c", command], env=env))
+        print("not root: 'fill' skipped (it needs a private /dev/shm)", flush=True)
+        faults.remove("fill")
+    records = []
+    for i in range(args.trials):
+        fault = faults[i % len(faults)]
+        algorithm, transport = CONFIGS[(i // len(faults)) % len(CONFIGS)]
+        record = _trial(i, fault, algorithm, transport, args.timeout, args.seed * 1000 + i)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    leftovers = sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
+    by = defaultdict(list)
+    for r in records:
+        by[(r["transport"], r["fault"])].append(r)
+    print(f"\n{len(records)} trials, {WORLD} ranks, timeout {args.timeout:.0f} s; segments left in /dev/shm: "
+          f"{len(leftovers)}; processes left: {sum(r['processes_left'] for r in records)}")
+    print(f"{'transport':9} {'fault':6} {'trials':>6} {'hangs':>5} {'wrong':>5} {'unexp':>5} "
+          f"{'detect p50':>10} {'p99':>7} {'max':>7}  errors")
+    for (transport, fault), rs in sorted(by.items()):
+        det = [d for r in rs for d in r["detections"]]
+        print(f"{transport:9} {fault:6} {len(rs):6d} {sum(len(r['hangs']) for r in rs):5d} "
+              f"{sum(r['wrong'] for r in rs):5d} {sum(len(r['unexpected']) for r in rs):5d} "
+              f"{_pct(det, 0.5):9.2f}s {_pct(det, 0.99):6.2f}s {max(det) if det else float('nan'):6.2f}s  "
+              f"{sorted({e for r in rs for e in r['errors']})}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
