@@ -31,7 +31,8 @@ test: $(BUILT)
 # busy processes take the cores. Failed runs keep their output.
 REPEAT      ?= 20
 REPEAT_LOAD ?= 2
-REPEAT_TESTS ?= tests/distributed/test_shm_faults.py tests/distributed/test_teardown.py \
+REPEAT_TESTS ?= tests/distributed/test_shm_faults.py tests/distributed/test_shm_abort.py tests/distributed/test_shm_space.py \
+    tests/distributed/test_dispatcher_faults.py tests/distributed/test_teardown.py \
     tests/backend/test_backend_groups.py tests/multinode
 
 test-repeat: $(BUILT)

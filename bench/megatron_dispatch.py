@@ -34,7 +34,6 @@ remote expert) each way) and from the ExpertDispatcher's counters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import json
 import os
@@ -46,42 +45,7 @@ import torch.distributed as dist
 
 import alltoall.integrations.megatron as alltoall_megatron
 from alltoall.launch import init_distributed
-
-
-@contextlib.contextmanager
-def _host_only():
-    """CPU in place of torch.cuda.current_device() (Megatron's uneven
-    all-to-all allocates there) and eager torch.compile'd functions."""
-    import torch._dynamo
-
-    saved_device, saved_dynamo = torch.cuda.current_device, torch._dynamo.config.disable
-    if not torch.cuda.is_available():
-        torch.cuda.current_device = lambda: torch.device("cpu")
-    torch._dynamo.config.disable = True
-    try:
-        yield
-    finally:
-        torch.cuda.current_device, torch._dynamo.config.disable = saved_device, saved_dynamo
-
-
-def _megatron_alltoall_type():
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-
-    if torch.cuda.is_available():
-        return MoEAlltoAllTokenDispatcher
-    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
-        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the split sizes are made host arrays below"
-
-    class HostSplitsAlltoAll(MoEAlltoAllTokenDispatcher):
-        def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
-            if not self.drop_and_pad and point == self.cuda_dtoh_point:
-                for name in ("input_splits", "output_splits", "output_splits_tp"):
-                    value = getattr(self, name)
-                    if torch.is_tensor(value):
-                        setattr(self, name, value.numpy())
-            return tokens_per_expert
-
-    return HostSplitsAlltoAll
+from alltoall.testing.megatron_cpu import cpu_as_current_device, eager, host_splits_alltoall
 
 
 def _config(args: argparse.Namespace, dispatcher: str):
@@ -182,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = ProcessGroupCollection.use_mpu_process_groups()
     local = args.experts // world
     indices = list(range(rank * local, (rank + 1) * local))
-    with _host_only():
+    with cpu_as_current_device(), eager():
         variants = {
-            "megatron alltoall (gloo)": _megatron_alltoall_type()(local, indices, _config(args, "alltoall"), groups),
+            "megatron alltoall (gloo)": host_splits_alltoall()(local, indices, _config(args, "alltoall"), groups),
             "flex on alltoall": MoEFlexTokenDispatcher(local, indices, _config(args, "flex"), groups),
         }
         expert_dispatcher = variants["flex on alltoall"]._comm_manager.dispatcher

@@ -15,7 +15,7 @@ experts must agree within fp tolerance (the order of summation differs).
 Megatron-Core's alltoall dispatcher runs on CPUs only in its padded mode.
 Its dropless mode copies the split sizes to the host on a CUDA side stream
 and allocates the uneven all-to-all's output on ``torch.cuda.current_device()``;
-the dropless reference here (``_HostSplitsAlltoAll``) does the copy's effect
+the dropless reference here (``alltoall.testing.megatron_cpu.host_splits_alltoall``) does the copy's effect
 (numpy arrays of the split sizes) and allocates on the CPU, and is otherwise Megatron's code.
 Megatron's MoELayer (TopKRouter, SequentialMLP) runs both ways as well
 (``test_moe_layer_flex_on_alltoall``).
@@ -28,13 +28,13 @@ cores would take most of the time budget.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from alltoall.testing.megatron_cpu import cpu_as_current_device, eager, host_splits_alltoall
 from tests.harness.pool import WorldPool
 
 WORLD = 8
@@ -60,38 +60,6 @@ def megatron_pool():
 
 
 # In the rank processes ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _cpu_is_current_device():
-    """Megatron's uneven all-to-all (tensor_parallel.all_to_all) allocates its
-    output on torch.cuda.current_device(); CPU-only torch has none."""
-    saved = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = saved
-
-
-def _host_splits_alltoall():
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-
-    class _HostSplitsAlltoAll(MoEAlltoAllTokenDispatcher):
-        """Megatron's dropless alltoall dispatcher on CPUs: where its CUDA
-        path copies the split sizes to the host on a side stream
-        (maybe_move_tensor_to_cpu(as_numpy=True)), this makes them the same
-        numpy arrays; every other step is Megatron's."""
-
-        def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
-            if not self.drop_and_pad and point == self.cuda_dtoh_point:
-                for name in ("input_splits", "output_splits", "output_splits_tp"):
-                    value = getattr(self, name)
-                    if torch.is_tensor(value):
-                        setattr(self, name, value.numpy())
-            return tokens_per_expert
-
-    return _HostSplitsAlltoAll
 
 
 def _config(k: int, dispatcher: str, pad: bool, tp: int = 1):
@@ -186,16 +154,14 @@ def _compare_run(k: int, pad: bool, tp: int = 1) -> dict:
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     local = list(range(ep_rank * num_local, (ep_rank + 1) * num_local))
     tp_ep_rank = dist.get_rank(groups.tp_ep)
-    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None and not torch.cuda.is_available():
-        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the test copies the splits to the host itself"
-    reference_type = MoEAlltoAllTokenDispatcher if pad else _host_splits_alltoall()
+    reference_type = MoEAlltoAllTokenDispatcher if pad else host_splits_alltoall()
     try:
-        with _cpu_is_current_device():
+        with cpu_as_current_device():
             reference = _drive(reference_type(num_local, local, _config(k, "alltoall", pad, tp), groups), k, pad)
         flex = MoEFlexTokenDispatcher(num_local, local, _config(k, "flex", pad, tp), groups)
         expert_dispatcher = flex._comm_manager.dispatcher
         before = expert_dispatcher.stats()
-        with _eager():
+        with eager():
             ours = _drive(flex, k, pad)
         after = expert_dispatcher.stats()
     finally:
@@ -205,19 +171,6 @@ def _compare_run(k: int, pad: bool, tp: int = 1) -> dict:
             "stats_delta": {key: after[key] - before.get(key, 0) for key in after},
             "expected_rows_inter": _expected_rows_inter(ours["routing_map"], tp, tp_ep_rank),
             "manager": type(flex._comm_manager).__name__}
-
-
-@contextlib.contextmanager
-def _eager():
-    """Runs torch.compile'd functions eagerly (see the module docstring)."""
-    import torch._dynamo
-
-    saved = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    try:
-        yield
-    finally:
-        torch._dynamo.config.disable = saved
 
 
 # The tests ---------------------------------------------------------------------
@@ -363,14 +316,13 @@ def _moe_layer(dispatcher: str, k: int, pad: bool):
     torch.manual_seed(3)
     layer = MoELayer(config, spec.submodules, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     if dispatcher == "alltoall" and not pad:  # the dropless reference's host split sizes (module docstring)
-        layer.token_dispatcher.__class__ = _host_splits_alltoall()
+        layer.token_dispatcher.__class__ = host_splits_alltoall()
     return layer
 
 
 def _moe_layer_run(k: int, pad: bool) -> dict:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe import moe_utils
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     import alltoall.integrations.megatron as alltoall_megatron
 
@@ -378,8 +330,6 @@ def _moe_layer_run(k: int, pad: bool) -> dict:
     # name its module defines only when Transformer Engine is installed.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    if MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None and not torch.cuda.is_available():
-        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA: the test copies the splits to the host itself"
     alltoall_megatron.enable()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
@@ -389,7 +339,7 @@ def _moe_layer_run(k: int, pad: bool) -> dict:
             layer = _moe_layer(dispatcher, k, pad)
             torch.manual_seed(100 + dist.get_rank())
             x = torch.randn(TOKENS, 1, HIDDEN, requires_grad=True)  # [sequence, batch, hidden]
-            with _cpu_is_current_device(), _eager():
+            with cpu_as_current_device(), eager():
                 out, _ = layer(x)
                 (out * torch.randn_like(out)).sum().backward()
             results[dispatcher] = {"out": out.detach(), "x_grad": x.grad,
