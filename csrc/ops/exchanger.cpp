@@ -153,8 +153,13 @@ void Exchanger::abort_others(size_t failed, const char* what) const noexcept {
   // failed (shared memory; c10d transports ignore it) so they raise at once,
   // naming this rank and the cause. The failed phase's own group is left
   // alone: its members see the cause themselves, and should name it, not us.
-  const std::string cause(what);
-  const std::string reason = "a " + plan::to_string(plan_.algorithm) + " exchange failed in phase " +
+  // When the phase failed because a peer aborted, pass on that peer's own
+  // report (the root cause), not the whole chain of step names around it:
+  // the abort slot is short, and the root cause is what the far ranks need.
+  std::string cause(what);
+  static const std::string kAborted = "the shared-memory segment was aborted: ";
+  if (const auto at = cause.rfind(kAborted); at != std::string::npos) cause = cause.substr(at + kAborted.size());
+  const std::string reason = "its " + plan::to_string(plan_.algorithm) + " exchange failed in phase " +
                              std::to_string(failed + 1) + ": " + cause.substr(0, 300);
   for (size_t j = 0; j < transports_.size(); ++j) {
     if (transports_[j] != transports_[failed]) transports_[j]->abort(reason);
