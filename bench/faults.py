@@ -39,7 +39,9 @@ from collections import defaultdict
 from datetime import timedelta
 
 WORLD = 8
-PREFIX = f"alltoall-faults{os.getpid()}-"
+# Set once, in the harness, and inherited by the spawned ranks (which import
+# this module again with pids of their own), so every name agrees.
+PREFIX = os.environ.setdefault("ALLTOALL_FAULTS_PREFIX", f"alltoall-faults{os.getpid()}-")
 FAULTS = ("kill", "stop", "raise", "fill")
 CONFIGS = [(alg, tr) for tr in ("shm", "c10d") for alg in ("flat", "hierarchical")]
 

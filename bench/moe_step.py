@@ -30,7 +30,7 @@ its own gate (same router weights, not the drawn routing).
 Bytes: for every alltoall dispatcher, the rows and bytes one rank sends to
 other ranks in one dispatch (forward direction) on this run's routing, split
 intra-node / inter-node, read from ``alltoall.ExpertDispatcher``'s exact
-counters (a probe dispatcher in the same mode, on rank 0's tokens; the
+counters (a probe dispatcher in the same mode and wire formats; the
 table prints the mean over ranks).
 
 Timing: every variant of a (shape, mode) runs once per round, rounds
@@ -292,7 +292,10 @@ def sent_per_dispatch(comm: alltoall.Communicator, dispatcher: str, layer: allto
     counters (intra- and inter-node), averaged over the ranks. Collective.
     """
     mode, algorithm = _mode_and_algorithm(dispatcher)
-    probe = alltoall.ExpertDispatcher(comm, layer.num_experts, mode=mode, algorithm=algorithm, k=layer.k)
+    # The layer's wire formats, so the bytes are the ones its links carry.
+    probe = alltoall.ExpertDispatcher(comm, layer.num_experts, mode=mode, algorithm=algorithm, k=layer.k,
+                                      dispatch_dtype=layer.exchange.dispatch_dtype,
+                                      combine_dtype=layer.exchange.combine_dtype)
     with torch.no_grad():
         gate = layer.gate(x.detach(), layer.capacity(x.shape[0]))
         _, handle = probe.dispatch(x.detach(), kept_expert_index(gate), gate.weights.to(x.dtype))

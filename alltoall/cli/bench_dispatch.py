@@ -46,6 +46,9 @@ from alltoall.launch import init_distributed
 from alltoall.moe.dispatch import route
 from alltoall.moe.gate import expert_capacity
 from alltoall.moe.node_limited import expert_nodes, limit_logits
+from alltoall.ops import wire
+
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 MODES = ("replicate-flat", "replicate-hierarchical", "dedup", "auto", "megatron")
 DEFAULT_MODES = MODES[:4]
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--warmup_iters", type=int, default=2)
     p.add_argument("-R", "--rounds", type=int, default=1, help="alternate the modes over this many rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dispatch-dtype", choices=sorted(WIRE_DTYPES), default=None,
+                   help="the dispatchers' dispatch wire format (default: the input's, fp32)")
+    p.add_argument("--combine-dtype", choices=["bf16"], default=None,
+                   help="the dispatchers' combine wire format (default: the input's, fp32)")
     p.add_argument("--local-size", type=int, default=None, help="emulate nodes of this many consecutive ranks")
     p.add_argument("--nprocs", type=int, default=None, help="not under a launcher: start this many local ranks")
     p.add_argument("--json", metavar="FILE")
@@ -202,20 +209,29 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
             dispatchers[m] = MegatronDispatch(args.experts, args.k, args.hidden, args.capacity_factor)
             continue
         mode, algorithm = ("replicate", m.split("-", 1)[1]) if m.startswith("replicate-") else (m, "auto")
-        dispatchers[m] = alltoall.ExpertDispatcher(comm, args.experts, mode=mode, algorithm=algorithm, k=args.k)
+        dispatchers[m] = alltoall.ExpertDispatcher(comm, args.experts, mode=mode, algorithm=algorithm, k=args.k,
+                                                   dispatch_dtype=WIRE_DTYPES.get(args.dispatch_dtype),
+                                                   combine_dtype=WIRE_DTYPES.get(args.combine_dtype))
     rows: list[Row] = []
     for tokens in args.tokens:
         index, weights = _routing(args, comm, tokens)
         x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(args.seed + 7 + comm.rank))
         kept = (index >= 0).to(x.dtype)
-        expected = x * (weights.to(x.dtype) * kept).sum(dim=1, keepdim=True)
+        # The dispatch wire rounds each token once, at its origin; a bf16
+        # combine rounds each row and partial sum (at most 3 roundings of
+        # 2^-8 on the dedup path): 2^-6 bounds it.
+        dispatched = x if args.dispatch_dtype is None else wire.round_trip(x, WIRE_DTYPES[args.dispatch_dtype])
+        expected = dispatched * (weights.to(x.dtype) * kept).sum(dim=1, keepdim=True)
+        tolerance = 1e-4 if args.combine_dtype is None else 2.0**-6
         results = {}
         for m, d in dispatchers.items():
             with torch.no_grad():
                 out, counted = _call(d, x, index, weights)
             if counted is None:  # Megatron-Core: the padded exchange's bytes, computed
                 counted = d.sent(tokens, args.hidden, x.element_size(), comm.topology)
-            wrong = int(((out - expected).abs() > 1e-4 * (1 + expected.abs())).sum())
+            reference = expected if not isinstance(d, MegatronDispatch) else x * (weights * kept).sum(1, keepdim=True)
+            limit = tolerance if not isinstance(d, MegatronDispatch) else 1e-4
+            wrong = int(((out - reference).abs() > limit * (1 + reference.abs())).sum())
             sent = torch.tensor([float(counted[c]) for c in ("bytes_intra", "bytes_inter", "rows_intra",
                                                                  "rows_inter")], dtype=torch.float64)
             dist.all_reduce(sent)
@@ -249,7 +265,8 @@ def header_lines(args: argparse.Namespace, comm: alltoall.Communicator, notes: l
     drop = "dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor}"
     lines = [f"# alltoall-bench dispatch: {comm.size} ranks, {comm.topology.describe()}, transport {comm.transport}",
              f"# M={args.hidden} k={args.k} E={args.experts} max_nodes={args.max_nodes} routing {routing} "
-             f"seed {args.seed}, {drop}, fp32, identity experts",
+             f"seed {args.seed}, {drop}, fp32 tokens, wire dispatch {args.dispatch_dtype or 'fp32'} / combine "
+             f"{args.combine_dtype or 'fp32'} (megatron: fp32), identity experts",
              "# time: mean over iterations, slowest rank; bytes: one dispatch (forward), sent by one rank to other "
              "ranks, mean over ranks"]
     lines += [f"# {note}" for note in notes]

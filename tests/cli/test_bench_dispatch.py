@@ -73,3 +73,23 @@ def test_megatron_row_on_the_same_routing_and_capacity():
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     rows = parse_table(result.stdout)
     assert [r["mode"] for r in rows] == ["replicate-flat", "megatron"] and all(r["wrong"] == 0 for r in rows)
+
+
+def test_dispatch_mode_with_low_precision_wires(tmp_path):
+    """FP8 dispatch and BF16 combine: no element off the wire-rounded result,
+    and the bytes of the packed format per row (M=256: 1,024 bytes in fp32;
+    in FP8 256 values and 2 scales of 4 bytes = 264)."""
+    out = tmp_path / "d.json"
+    base = [sys.executable, "-m", "alltoall.bench", "dispatch", "--nprocs", str(WORLD), "--local-size", str(LOCAL),
+            "-S", "40", "-M", "256", "-k", str(K), "-E", str(EXPERTS), "-n", "1", "-w", "0", "--seed", str(SEED),
+            "--modes", "dedup,replicate-flat"]
+    result = run_cli([*base, "--dispatch-dtype", "fp8", "--combine-dtype", "bf16", "--json", str(out)])
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["wrong"] == 0 for r in rows), result.stdout
+    by_mode = {r["mode"]: r for r in rows}
+    replicate, dedup = by_mode["replicate-flat"], by_mode["dedup"]
+    # replicate's rows carry their fp32 weight beside the packed token.
+    assert replicate["bytes_inter"] == pytest.approx(replicate["rows_inter"] * (264 + 4)), replicate
+    # dedup's hop-1 messages also carry each row's items (expert, weight).
+    assert dedup["rows_inter"] * 264 <= dedup["bytes_inter"] < dedup["rows_inter"] * 1024, dedup
