@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -17,6 +16,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import _segments
+from tests.harness.victim import run_with_a_victim
 
 WORLD = 4
 VICTIM = 2
@@ -64,26 +64,8 @@ def _rank(rank: int, store_path: str, when: str, results: mp.Queue, release) -> 
 @pytest.mark.parametrize("when", ["dispatch", "combine"])
 def test_survivors_name_the_phase_and_the_peer(when):
     before = _segments()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    release = ctx.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results, release))
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        reports = {}
-        try:
-            for _ in range(WORLD - 1):
-                rank, kind, message, elapsed = results.get(timeout=6 * TIMEOUT_S)
-                reports[rank] = (kind, message, elapsed)
-        finally:
-            release.set()
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    assert procs[VICTIM].exitcode == -signal.SIGKILL
+    reports, victim_exit = run_with_a_victim(_rank, WORLD, VICTIM, (when,), 6 * TIMEOUT_S)
+    assert victim_exit == -signal.SIGKILL
     assert sorted(reports) == [r for r in range(WORLD) if r != VICTIM]
     for rank, (kind, message, elapsed) in reports.items():
         assert kind == "DistBackendError", f"rank {rank}: {kind}: {message}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -15,6 +14,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import _segments
+from tests.harness.victim import run_with_a_victim
 
 WORLD = 4
 VICTIM = 2
@@ -66,28 +66,10 @@ def threading_kill_after(seconds: float) -> None:
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_survivors_name_the_dead_peer(when):
     before = _segments()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    release = ctx.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), when, results, release))
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        reports = {}
-        try:
-            for _ in range(WORLD - 1):
-                rank, kind, message, _elapsed = results.get(timeout=TIMEOUT_S)
-                reports[rank] = (kind, message)
-        finally:
-            release.set()
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    assert procs[VICTIM].exitcode == -signal.SIGKILL
+    reports, victim_exit = run_with_a_victim(_rank, WORLD, VICTIM, (when,), TIMEOUT_S)
+    assert victim_exit == -signal.SIGKILL
     assert sorted(reports) == [r for r in range(WORLD) if r != VICTIM]
-    for rank, (kind, message) in reports.items():
+    for rank, (kind, message, _elapsed) in reports.items():
         assert kind == "DistBackendError", f"rank {rank}: {kind}: {message}"
         assert f"group rank(s) [{VICTIM}] (global rank(s) [{VICTIM}]) left" in message, message
         assert "flat all_to_all phase 1/1 (world)" in message
