@@ -155,7 +155,7 @@ class MoE(nn.Module):
         self.exchange = ExpertExchange(comm, num_experts, algorithm, groups, overlap_degree,
                                        dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
         self.dispatched = _dispatched(check_dispatcher(dispatcher), groups if groups is not None else comm,
-                                      num_experts, k, algorithm, self.exchange.overlap_degree,
+                                      num_experts, k, max_nodes, algorithm, self.exchange.overlap_degree,
                                       dispatch_dtype, combine_dtype)
         local = self.exchange.num_local
         first = self.exchange.rank * local
@@ -232,14 +232,14 @@ def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return total
 
 
-def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, k: int, algorithm: str,
-                overlap_degree: int, dispatch_dtype: torch.dtype | None,
+def _dispatched(mode: str, comm: ParallelGroups | Communicator | None, num_experts: int, k: int,
+                max_nodes: int | None, algorithm: str, overlap_degree: int, dispatch_dtype: torch.dtype | None,
                 combine_dtype: torch.dtype | None) -> DispatchedExperts | None:
     """The ExpertDispatcher path, or None for the replicate path (also when
     "auto" resolves to replicate, and on one process, where nothing moves)."""
     if mode == "replicate" or comm is None:
         return None
-    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k,
+    dispatcher = ExpertDispatcher(comm, num_experts, mode=mode, algorithm=algorithm, k=k, max_nodes=max_nodes,
                                   dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
     return DispatchedExperts(dispatcher, overlap_degree) if dispatcher.mode == "dedup" else None
 

@@ -140,13 +140,15 @@ def _expected_rows_inter(routing_map: torch.Tensor, tp: int, tp_ep_rank: int) ->
 
 
 def _compare_run(k: int, pad: bool, tp: int = 1) -> dict:
+    """At k = 8 through "auto" (its rule picks dedup there); at k = 2, where
+    "auto" picks replicate, with mode "dedup" named."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher, MoEFlexTokenDispatcher
 
     import alltoall.integrations.megatron as alltoall_megatron
 
-    alltoall_megatron.enable()
+    alltoall_megatron.enable(mode="auto" if k == 8 else "dedup")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=WORLD // tp)
     groups = ProcessGroupCollection.use_mpu_process_groups()
@@ -330,7 +332,7 @@ def _moe_layer_run(k: int, pad: bool) -> dict:
     # name its module defines only when Transformer Engine is installed.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    alltoall_megatron.enable()
+    alltoall_megatron.enable(mode="auto" if k == 8 else "dedup")  # as in _compare_run
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
     results = {}
@@ -345,6 +347,8 @@ def _moe_layer_run(k: int, pad: bool) -> dict:
             results[dispatcher] = {"out": out.detach(), "x_grad": x.grad,
                                    "grads": {n: p.grad for n, p in layer.named_parameters()},
                                    "manager": type(getattr(layer.token_dispatcher, "_comm_manager", None)).__name__}
+            if dispatcher == "flex":
+                results[dispatcher]["mode"] = layer.token_dispatcher._comm_manager.dispatcher.mode
     finally:
         alltoall_megatron.disable()
         parallel_state.destroy_model_parallel()
@@ -356,6 +360,7 @@ def test_moe_layer_flex_on_alltoall(megatron_pool, k, pad):
     for rank, result in enumerate(megatron_pool.run(_moe_layer_run, k, pad, env=ENV, deadline_s=DEADLINE_S)):
         reference, ours = result["alltoall"], result["flex"]
         assert ours["manager"] == "AlltoallDispatchManager"
+        assert ours["mode"] == "dedup"
         assert ours["grads"].keys() == reference["grads"].keys()
         assert any(".local_experts." in name for name in ours["grads"]) and "router.weight" in ours["grads"]
         pairs = [("out", ours["out"], reference["out"]), ("x_grad", ours["x_grad"], reference["x_grad"])]
