@@ -161,8 +161,34 @@ class Variant:
     key: dict = field(default_factory=dict)  # transport, dispatcher, overlap for alltoall
 
 
+def _wires(dispatcher: str, args: argparse.Namespace) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """The wire formats of a dispatcher spec: ``dedup@fp8/bf16`` -> (float8_e4m3fn,
+    bfloat16); without ``@``, --dispatch-dtype and --combine-dtype."""
+    if "@" not in dispatcher:
+        return WIRE_DTYPES.get(args.dispatch_dtype), WIRE_DTYPES.get(args.combine_dtype)
+    dispatch, combine = dispatcher.split("@", 1)[1].split("/")
+    return WIRE_DTYPES.get(dispatch), WIRE_DTYPES.get(combine)
+
+
+def _dispatcher_spec(text: str) -> str:
+    """``NAME`` or ``NAME@DISPATCH/COMBINE`` with NAME in DISPATCHERS (not
+    deepspeed with a wire), DISPATCH in fp32/bf16/fp8, COMBINE in fp32/bf16."""
+    name, _, wire = text.partition("@")
+    if name not in DISPATCHERS:
+        raise argparse.ArgumentTypeError(f"dispatcher {name!r} not in {DISPATCHERS}")
+    if wire:
+        dispatch, _, combine = wire.partition("/")
+        if name == "deepspeed" or dispatch not in ("fp32", "bf16", "fp8") or combine not in ("fp32", "bf16"):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: the wire suffix is @DISPATCH/COMBINE, DISPATCH of fp32, bf16, fp8 and COMBINE of "
+                "fp32, bf16, on alltoall's dispatchers only, e.g. dedup@fp8/bf16")
+    return text
+
+
 def _mode_and_algorithm(dispatcher: str) -> tuple[str, str]:
-    """``replicate-flat`` -> ("replicate", "flat"); ``dedup`` -> ("dedup", "auto")."""
+    """``replicate-flat`` -> ("replicate", "flat"); ``dedup`` -> ("dedup", "auto");
+    a wire suffix (``@fp8/bf16``) is ignored."""
+    dispatcher = dispatcher.split("@", 1)[0]
     if dispatcher.startswith("replicate-"):
         return "replicate", dispatcher.split("-", 1)[1]
     return dispatcher, "auto"
@@ -171,12 +197,12 @@ def _mode_and_algorithm(dispatcher: str) -> tuple[str, str]:
 def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: torch.Tensor, dispatcher: str,
           overlap: int, transport: str, args: argparse.Namespace, scores: torch.Tensor | None) -> Variant:
     mode, algorithm = _mode_and_algorithm(dispatcher)
+    dispatch_dtype, combine_dtype = _wires(dispatcher, args)
     layer = alltoall.MoE(expert.fc1.in_features, expert, args.experts, k=args.k, capacity_factor=CAPACITY_FACTOR,
                          eval_capacity_factor=CAPACITY_FACTOR, min_capacity=MIN_CAPACITY,
                          drop_tokens=not args.dropless, ep_group=comm, algorithm=algorithm, overlap_degree=overlap,
                          max_nodes=args.max_nodes, dispatcher=mode,
-                         dispatch_dtype=WIRE_DTYPES.get(args.dispatch_dtype),
-                         combine_dtype=WIRE_DTYPES.get(args.combine_dtype))
+                         dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
     with torch.no_grad():
         layer.gate.wg.weight.copy_(gate_weight)
     if scores is not None:
@@ -328,6 +354,9 @@ def summarize(case: dict, variants: list[Variant]) -> list[dict]:
                          if f"alltoall {v.key['transport']} replicate-{a} overlap 1" in times]
             if replicate:
                 row["speedup_vs_best_replicate"] = min(replicate) / t["real"]
+            full_width = v.label.replace(v.key["dispatcher"], v.key["dispatcher"].split("@", 1)[0], 1)
+            if "@" in v.key["dispatcher"] and full_width in times:
+                row["speedup_vs_fp32_wire"] = times[full_width]["real"] / t["real"]
         if deepspeed is not None:
             row["speedup_vs_deepspeed"] = deepspeed / t["real"]
         rows.append(row)
@@ -354,7 +383,7 @@ def table(results: list[dict]) -> str:
         lines.append("MB intra / inter: sent by one rank to other ranks in one dispatch (forward), exact counters, "
                      "mean over ranks")
         lines.append(f"{'variant':<46} {'ms':>9} {'control ms':>11} {'exchange':>9} {'vs N=1':>7} {'vs rep':>7} "
-                     f"{'vs DS':>7} {'MB intra':>9} {'MB inter':>9}")
+                     f"{'vs fp32':>7} {'vs DS':>7} {'MB intra':>9} {'MB inter':>9}")
         for row in case["rows"]:
             control = "-" if row["control_ms"] is None else f"{row['control_ms']:.3f}"
             share = "-" if row["exchange_share"] is None else f"{row['exchange_share'] * 100:.1f}%"
@@ -363,7 +392,8 @@ def table(results: list[dict]) -> str:
             inter = "-" if sent is None else f"{sent['bytes_inter'] / 1e6:.3f}"
             lines.append(f"{row['variant']:<46} {row['ms']:9.3f} {control:>11} {share:>9} "
                          f"{_ratio(row, 'speedup_vs_overlap_1'):>7} {_ratio(row, 'speedup_vs_best_replicate'):>7} "
-                         f"{_ratio(row, 'speedup_vs_deepspeed'):>7} {intra:>9} {inter:>9}")
+                         f"{_ratio(row, 'speedup_vs_fp32_wire'):>7} {_ratio(row, 'speedup_vs_deepspeed'):>7} "
+                         f"{intra:>9} {inter:>9}")
     return "\n".join(lines)
 
 
@@ -394,8 +424,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transports", type=_csv(str, ("auto", "shm", "c10d")), default=["auto", "c10d"])
     p.add_argument("--algorithms", type=_csv(str, ("flat", "hierarchical")), default=["flat", "hierarchical"],
                    help="without --dispatchers: replicate-<algorithm> for each, and deepspeed")
-    p.add_argument("--dispatchers", type=_csv(str, DISPATCHERS), default=None,
-                   help=f"comma-separated, of {', '.join(DISPATCHERS)} (deepspeed: k <= 2 only)")
+    p.add_argument("--dispatchers", type=_csv(_dispatcher_spec), default=None,
+                   help=f"comma-separated, of {', '.join(DISPATCHERS)} (deepspeed: k <= 2 only), each of "
+                        "alltoall's optionally with its wire formats as @DISPATCH/COMBINE (e.g. dedup@fp8/bf16; "
+                        "default --dispatch-dtype/--combine-dtype), so the formats alternate in one run")
     p.add_argument("--overlap", type=_csv(int), default=[1, 2, 4])
     p.add_argument("--experts", type=int, default=16, help="E, divisible by the world size")
     p.add_argument("--k", type=int, default=2, help="experts per token")
@@ -471,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     any_comm = comms[args.transports[0]]
     ours = [d for d in args.dispatchers if d != "deepspeed"]
     if not any_comm.topology.uniform:
-        dropped = [d for d in ours if d in ("replicate-hierarchical", "dedup")]
+        dropped = [d for d in ours if d.split("@", 1)[0] in ("replicate-hierarchical", "dedup")]
         if dropped:
             notes.append(f"{dropped} left out: they need nodes of equal size ({any_comm.topology.describe()})")
         ours = [d for d in ours if d not in dropped]
