@@ -19,6 +19,11 @@ minus the fault; p50, p99, max), and, over the campaign, segments left in
 
   flock /tmp/alltoall-bench.lock .venv/bin/python bench/faults.py --trials 16
 
+A long campaign runs in chunks (each under the lock, releasing it between):
+``--first K`` starts at trial K (same seed: trial i is the same trial in any
+chunk), ``--json`` keeps each chunk's records, and ``--summarize a.json
+b.json ...`` prints the table over all of them.
+
 Root re-runs itself in a private mount namespace (``unshare -m``) with a
 256 MiB tmpfs on /dev/shm, for ``fill``; elsewhere ``fill`` is skipped.
 """
@@ -198,9 +203,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=10.0, help="the Communicators' timeout, seconds")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--first", type=int, default=0, help="index of the first trial (chunks of one campaign)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="print the table over these chunks' --json records, run nothing")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: start no trial that would, at the mean trial time so far, end past it")
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--json", default=None, help="write every trial's record here")
     args = parser.parse_args()
+    if args.summarize:
+        records = [r for path in args.summarize for r in json.load(open(path))]
+        _table(records, args.timeout)
+        return
     faults = args.faults.split(",")
     if "fill" in faults and os.environ.get("ALLTOALL_FAULTS_NS") != "1":
         if os.geteuid() == 0:
@@ -211,18 +225,36 @@ def main() -> None:
         print("not root: 'fill' skipped (it needs a private /dev/shm)", flush=True)
         faults.remove("fill")
     records = []
-    for i in range(args.trials):
+    begin = time.time()
+    for i in range(args.first, args.first + args.trials):
+        if args.budget and records:
+            mean = (time.time() - begin) / len(records)
+            if time.time() - begin + 1.5 * mean > args.budget:
+                print(f"budget: stopping before trial {i}", flush=True)
+                break
         fault = faults[i % len(faults)]
         algorithm, transport = CONFIGS[(i // len(faults)) % len(CONFIGS)]
+        started = time.time()
         record = _trial(i, fault, algorithm, transport, args.timeout, args.seed * 1000 + i)
+        record["seconds"] = round(time.time() - started, 2)
+        # Counted after each trial, so chunks sum (the trial removed its fill file).
+        record["segments_left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
         records.append(record)
         print(json.dumps(record), flush=True)
-    leftovers = sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
+        if args.json:  # rewritten after every trial: a chunk cut short keeps what it ran
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+    _table(records, args.timeout)
+
+
+def _table(records: list[dict], timeout: float) -> None:
     by = defaultdict(list)
     for r in records:
         by[(r["transport"], r["fault"])].append(r)
-    print(f"\n{len(records)} trials, {WORLD} ranks, timeout {args.timeout:.0f} s; segments left in /dev/shm: "
-          f"{len(leftovers)}; processes left: {sum(r['processes_left'] for r in records)}")
+    leftovers = {n for r in records for n in r.get("segments_left", [])}
+    print(f"\n{len(records)} trials, {WORLD} ranks, timeout {timeout:.0f} s; segments left in /dev/shm: "
+          f"{len(leftovers)}; processes left: {sum(r['processes_left'] for r in records)}; "
+          f"seconds per trial: {sum(r.get('seconds', 0) for r in records) / max(1, len(records)):.1f}")
     print(f"{'transport':9} {'fault':6} {'trials':>6} {'hangs':>5} {'wrong':>5} {'unexp':>5} "
           f"{'detect p50':>10} {'p99':>7} {'max':>7}  errors")
     for (transport, fault), rs in sorted(by.items()):
@@ -231,9 +263,6 @@ def main() -> None:
               f"{sum(r['wrong'] for r in rs):5d} {sum(len(r['unexpected']) for r in rs):5d} "
               f"{_pct(det, 0.5):9.2f}s {_pct(det, 0.99):6.2f}s {max(det) if det else float('nan'):6.2f}s  "
               f"{sorted({e for r in rs for e in r['errors']})}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":
