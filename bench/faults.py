@@ -135,7 +135,10 @@ def _fill_dev_shm() -> None:
     # at the end of the trial (the harness removes it).
 
 
-def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: float, seed: int) -> dict:
+def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: float, seed: int,
+           prefill: bool = False) -> dict:
+    if prefill:  # /dev/shm full before set-up (what round 3's stale fill file did by accident)
+        _fill_dev_shm()
     ctx = mp.get_context("spawn")
     results, release = ctx.Queue(), ctx.Event()
     fault_at = ctx.Value("d", 0.0)
@@ -210,18 +213,22 @@ def main() -> None:
                         help="seconds: start no trial that would, at the mean trial time so far, end past it")
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--json", default=None, help="write every trial's record here")
+    parser.add_argument("--prefill", action="store_true",
+                        help="fill /dev/shm before each trial's set-up (root: in the private tmpfs)")
     args = parser.parse_args()
     if args.summarize:
         records = [r for path in args.summarize for r in json.load(open(path))]
         _table(records, args.timeout)
         return
     faults = args.faults.split(",")
-    if "fill" in faults and os.environ.get("ALLTOALL_FAULTS_NS") != "1":
+    if ("fill" in faults or args.prefill) and os.environ.get("ALLTOALL_FAULTS_NS") != "1":
         if os.geteuid() == 0:
             env = {**os.environ, "ALLTOALL_FAULTS_NS": "1"}
             command = (f"mount -t tmpfs -o size=256m tmpfs /dev/shm && exec {sys.executable} "
                        + " ".join(map(repr, [os.path.abspath(__file__), *sys.argv[1:]])))
             sys.exit(subprocess.call(["unshare", "-m", "sh", "-c", command], env=env))
+        if args.prefill:
+            sys.exit("--prefill needs root: it fills a private /dev/shm, never the host's")
         print("not root: 'fill' skipped (it needs a private /dev/shm)", flush=True)
         faults.remove("fill")
     records = []
@@ -235,7 +242,7 @@ def main() -> None:
         fault = faults[i % len(faults)]
         algorithm, transport = CONFIGS[(i // len(faults)) % len(CONFIGS)]
         started = time.time()
-        record = _trial(i, fault, algorithm, transport, args.timeout, args.seed * 1000 + i)
+        record = _trial(i, fault, algorithm, transport, args.timeout, args.seed * 1000 + i, args.prefill)
         record["seconds"] = round(time.time() - started, 2)
         # Counted after each trial, so chunks sum (the trial removed its fill file).
         record["segments_left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
