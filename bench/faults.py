@@ -48,6 +48,7 @@ WORLD = 8
 # this module again with pids of their own), so every name agrees.
 PREFIX = os.environ.setdefault("ALLTOALL_FAULTS_PREFIX", f"alltoall-faults{os.getpid()}-")
 FAULTS = ("kill", "stop", "raise", "fill")
+START_METHOD = "forkserver"  # --start-method
 CONFIGS = [(alg, tr) for tr in ("shm", "c10d") for alg in ("flat", "hierarchical")]
 
 
@@ -139,7 +140,11 @@ def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: floa
            prefill: bool = False) -> dict:
     if prefill:  # /dev/shm full before set-up (what round 3's stale fill file did by accident)
         _fill_dev_shm()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        # One server for the campaign, with torch and alltoall imported once:
+        # 8 ranks importing torch took most of a trial on a loaded 2-core host.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "alltoall"])
     results, release = ctx.Queue(), ctx.Event()
     fault_at = ctx.Value("d", 0.0)
     rng = random.Random(seed)
@@ -215,7 +220,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every trial's record here")
     parser.add_argument("--prefill", action="store_true",
                         help="fill /dev/shm before each trial's set-up (root: in the private tmpfs)")
+    parser.add_argument("--start-method", default=START_METHOD, choices=["forkserver", "spawn"],
+                        help="how the ranks start (forkserver: from a server that imported torch once)")
     args = parser.parse_args()
+    globals()["START_METHOD"] = args.start_method
     if args.summarize:
         records = [r for path in args.summarize for r in json.load(open(path))]
         _table(records, args.timeout)
