@@ -30,7 +30,7 @@ def _released() -> list[tuple[str, int, int, int]]:
             work = comm.all_to_all_v(x, [4] * world, None, async_op=True)
         else:
             work = comm.all_to_all(x, async_op=True)
-        queued = _storage_refs(x)  # the task's alias of the input
+        queued = _storage_refs(x)  # the task's alias of the input, held until the handle releases it
         if how == "is_completed":
             deadline = time.monotonic() + 60
             while not work.is_completed():
@@ -50,6 +50,7 @@ def _released() -> list[tuple[str, int, int, int]]:
 def test_a_finished_exchange_releases_its_input_at_wait(worlds):
     for seen in worlds.run(2, _released):
         for how, before, queued, after in seen:
-            assert queued == before + 1, f"{how}: the queued task should hold the input ({before} -> {queued})"
+            # While it runs, the exchange may hold views of its own as well.
+            assert queued >= before + 1, f"{how}: the queued task should hold the input ({before} -> {queued})"
             assert after == before, f"{how}: the input is still held after the exchange finished ({after} > {before})"
 
