@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import alltoall  # noqa: F401  (registers the "alltoall" backend in the rank processes)
+
 TIMEOUT_S = 60.0  # the peers must raise long before it: they read the abort word, not the clock
 SHM = {"ALLTOALL_TRANSPORT": "shm", "ALLTOALL_SHM_RING_BYTES": "1024", "ALLTOALL_SHM_SINGLE_COPY_BYTES": "4096"}
 
