@@ -263,22 +263,24 @@ def main() -> None:
 
 
 def _table(records: list[dict], timeout: float) -> None:
-    by = defaultdict(list)
-    for r in records:
-        by[(r["transport"], r["fault"])].append(r)
     leftovers = {n for r in records for n in r.get("segments_left", [])}
     print(f"\n{len(records)} trials, {WORLD} ranks, timeout {timeout:.0f} s; segments left in /dev/shm: "
           f"{len(leftovers)}; processes left: {sum(r['processes_left'] for r in records)}; "
           f"seconds per trial: {sum(r.get('seconds', 0) for r in records) / max(1, len(records)):.1f}")
-    print(f"{'transport':9} {'fault':6} {'trials':>6} {'hangs':>5} {'wrong':>5} {'unexp':>5} "
-          f"{'detect p50':>10} {'p99':>7} {'max':>7}  errors")
-    for (transport, fault), rs in sorted(by.items()):
-        det = [d for r in rs for d in r["detections"]]
-        print(f"{transport:9} {fault:6} {len(rs):6d} {sum(len(r['hangs']) for r in rs):5d} "
-              f"{sum(r['wrong'] for r in rs):5d} {sum(len(r['unexpected']) for r in rs):5d} "
-              f"{_pct(det, 0.5):9.2f}s {_pct(det, 0.99):6.2f}s {max(det) if det else float('nan'):6.2f}s  "
-              f"{sorted({e for r in rs for e in r['errors']})}")
-
+    # Detections are per survivor: each trial adds one per rank that raised.
+    for keys in (("transport", "fault"), ("transport", "algorithm", "fault")):
+        by = defaultdict(list)
+        for r in records:
+            by[tuple(r[k] for k in keys)].append(r)
+        width = 12 * len(keys)
+        print(f"\n{' '.join(keys):{width}} {'trials':>6} {'hangs':>5} {'wrong':>5} {'unexp':>5} "
+              f"{'detect p50':>10} {'p99':>7} {'max':>7}  errors")
+        for key, rs in sorted(by.items()):
+            det = [d for r in rs for d in r["detections"]]
+            print(f"{' '.join(key):{width}} {len(rs):6d} {sum(len(r['hangs']) for r in rs):5d} "
+                  f"{sum(r['wrong'] for r in rs):5d} {sum(len(r['unexpected']) for r in rs):5d} "
+                  f"{_pct(det, 0.5):9.2f}s {_pct(det, 0.99):6.2f}s {max(det) if det else float('nan'):6.2f}s  "
+                  f"{sorted({e for r in rs for e in r['errors']})}")
 
 if __name__ == "__main__":
     main()
