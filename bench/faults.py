@@ -24,6 +24,12 @@ A long campaign runs in chunks (each under the lock, releasing it between):
 chunk), ``--json`` keeps each chunk's records, and ``--summarize a.json
 b.json ...`` prints the table over all of them.
 
+``--hosts 2`` emulates 2 hosts of 4 ranks (root only): an EmulatedCluster's
+network namespaces with 1 Gbit/s links; each rank joins its host's network
+namespace and takes its host name (``ALLTOALL_HOSTNAME``), so phases inside
+a host use shared memory ("shm" runs ``transport="auto"``) and phases
+between hosts gloo over the links. /dev/shm is still one for both hosts.
+
 Root re-runs itself in a private mount namespace (``unshare -m``) with a
 256 MiB tmpfs on /dev/shm, for ``fill``; elsewhere ``fill`` is skipped.
 """
@@ -69,8 +75,28 @@ def _input(p: int, rank: int, rows: list[list[int]], width: int, call: int):
     return torch.cat(parts)
 
 
+def _join_host(namespace: str, hostname: str) -> None:
+    """Moves this process into an emulated host's network namespace."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+    finally:
+        os.close(fd)
+    os.environ.update(ALLTOALL_HOSTNAME=hostname, GLOO_SOCKET_IFNAME=os.environ["ALLTOALL_FAULTS_IFACE"])
+
+
 def _rank(rank: int, store: str, cfg: dict, fault_at, results, release) -> None:
     os.environ["ALLTOALL_SHM_PREFIX"] = PREFIX
+    transport = cfg["transport"]
+    if cfg.get("netns"):
+        per_host = WORLD // len(cfg["netns"])
+        _join_host(cfg["netns"][rank // per_host], f"node{rank // per_host}")
+        if transport == "shm":
+            transport = "auto"  # shared memory inside a host, gloo between hosts
     import torch
     import torch.distributed as dist
 
@@ -83,7 +109,7 @@ def _rank(rank: int, store: str, cfg: dict, fault_at, results, release) -> None:
         dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=cfg["timeout"]))
         local = 4 if cfg["algorithm"] == "hierarchical" else None
-        comm = alltoall.Communicator(transport=cfg["transport"], timeout=cfg["timeout"], local_size=local)
+        comm = alltoall.Communicator(transport=transport, timeout=cfg["timeout"], local_size=local)
         dist.barrier()
         wrong = 0
         for call in range(cfg["calls"]):
@@ -149,7 +175,8 @@ def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: floa
     fault_at = ctx.Value("d", 0.0)
     rng = random.Random(seed)
     cfg = {"seed": seed, "fault": fault, "algorithm": algorithm, "transport": transport, "timeout": timeout,
-           "calls": 40, "at": rng.randrange(5, 30), "victim": rng.randrange(WORLD)}
+           "calls": 40, "at": rng.randrange(5, 30), "victim": rng.randrange(WORLD),
+           "netns": [n for n in os.environ.get("ALLTOALL_FAULTS_NETNS", "").split(",") if n]}
     if fault == "fill":
         cfg["victim"] = -1
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,8 +249,20 @@ def main() -> None:
                         help="fill /dev/shm before each trial's set-up (root: in the private tmpfs)")
     parser.add_argument("--start-method", default=START_METHOD, choices=["forkserver", "spawn"],
                         help="how the ranks start (forkserver: from a server that imported torch once)")
+    parser.add_argument("--hosts", type=int, default=1, choices=[1, 2, 4, 8],
+                        help="emulated hosts (network namespaces, root only); 1: this host alone")
     args = parser.parse_args()
     globals()["START_METHOD"] = args.start_method
+    if args.hosts > 1 and not args.summarize and "ALLTOALL_FAULTS_NETNS" not in os.environ:
+        from alltoall.testing import EmulatedCluster
+
+        # Built outside the private mount namespace below, and removed when
+        # the campaign ends, however it ends.
+        with EmulatedCluster(args.hosts, rate="1gbit") as cluster:
+            env = {**os.environ, "ALLTOALL_FAULTS_NETNS": ",".join(h.namespace for h in cluster.hosts),
+                   "ALLTOALL_FAULTS_IFACE": cluster.network.interface}
+            code = subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+        sys.exit(code)
     if args.summarize:
         records = [r for path in args.summarize for r in json.load(open(path))]
         _table(records, args.timeout)
