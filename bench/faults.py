@@ -164,8 +164,6 @@ def _fill_dev_shm() -> None:
 
 def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: float, seed: int,
            prefill: bool = False) -> dict:
-    if prefill:  # /dev/shm full before set-up (what round 3's stale fill file did by accident)
-        _fill_dev_shm()
     ctx = mp.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         # One server for the campaign, with torch and alltoall imported once:
@@ -179,6 +177,15 @@ def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: floa
            "netns": [n for n in os.environ.get("ALLTOALL_FAULTS_NETNS", "").split(",") if n]}
     if fault == "fill":
         cfg["victim"] = -1
+    if prefill:
+        # /dev/shm nearly full before set-up, with 0-32 MiB left: round 3's
+        # stale fill file left what the last trial's segments had held, so
+        # some of a Communicator's segments fit and others did not. After the
+        # harness's own semaphores, which live in /dev/shm too.
+        _fill_dev_shm()
+        path = f"/dev/shm/{PREFIX}fill"
+        cfg["prefill_free"] = rng.randrange(0, 32 << 20)
+        os.truncate(path, max(0, os.path.getsize(path) - cfg["prefill_free"]))
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_rank, args=(r, os.path.join(tmp, "store"), cfg, fault_at, results, release))
                  for r in range(WORLD)]
@@ -224,8 +231,8 @@ def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: floa
     sample = next((item[2] for item in reports.values() if item[1] not in ("completed", "victim")), "")
     return {"trial": index, "fault": fault, "algorithm": algorithm, "transport": transport, "victim": cfg["victim"],
             "at": cfg["at"], "hangs": hangs, "detections": detections, "errors": errors, "wrong": wrong,
-            "unexpected": unexpected, "processes_left": left_procs, "victim_exit": procs[cfg["victim"]].exitcode
-            if cfg["victim"] >= 0 else None, "sample": sample}
+            "unexpected": unexpected, "processes_left": left_procs, "prefill_free": cfg.get("prefill_free"),
+            "victim_exit": procs[cfg["victim"]].exitcode if cfg["victim"] >= 0 else None, "sample": sample}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -244,6 +251,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no trial that would, at the mean trial time so far, end past it")
     parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--transports", default="shm,c10d", help="the transports the configurations rotate over")
     parser.add_argument("--json", default=None, help="write every trial's record here")
     parser.add_argument("--prefill", action="store_true",
                         help="fill /dev/shm before each trial's set-up (root: in the private tmpfs)")
@@ -278,6 +286,7 @@ def main() -> None:
             sys.exit("--prefill needs root: it fills a private /dev/shm, never the host's")
         print("not root: 'fill' skipped (it needs a private /dev/shm)", flush=True)
         faults.remove("fill")
+    configs = [c for c in CONFIGS if c[1] in args.transports.split(",")]
     records = []
     begin = time.time()
     for i in range(args.first, args.first + args.trials):
@@ -287,7 +296,7 @@ def main() -> None:
                 print(f"budget: stopping before trial {i}", flush=True)
                 break
         fault = faults[i % len(faults)]
-        algorithm, transport = CONFIGS[(i // len(faults)) % len(CONFIGS)]
+        algorithm, transport = configs[(i // len(faults)) % len(configs)]
         started = time.time()
         record = _trial(i, fault, algorithm, transport, args.timeout, args.seed * 1000 + i, args.prefill)
         record["seconds"] = round(time.time() - started, 2)
