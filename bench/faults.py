@@ -208,6 +208,8 @@ def _trial(index: int, fault: str, algorithm: str, transport: str, timeout: floa
             try:
                 item = results.get(timeout=min(left, 1.0))
             except Exception:
+                if not any(p.is_alive() for p in procs):
+                    break  # every rank is gone: no report will come (the missing ones count as hangs)
                 continue
             reports[item[0]] = item
         release.set()
