@@ -31,6 +31,12 @@ class Work:
     input must not be modified before ``wait()`` returns. Dropping a handle
     without waiting is allowed: the exchange still runs, in order, and its
     result is discarded.
+
+    The exchange holds a reference to its input until ``wait()`` (or an
+    ``is_completed()`` that returns True) releases it on the caller's
+    thread; for a handle dropped unwaited, the Communicator's next call or
+    ``synchronize()`` does. The progress thread itself never releases it:
+    a tensor's last reference may need the GIL, which it never takes.
     """
 
     def __init__(self, native: _C.Work, finish: Callable[[torch.Tensor, list[int]], Any]) -> None:

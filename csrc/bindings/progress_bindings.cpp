@@ -45,15 +45,29 @@ void register_progress(py::module_& m) {
       .def_property_readonly("started", &ops::ProgressThread::started);
 
   py::class_<ops::Work, std::shared_ptr<ops::Work>>(m, "Work", "A queued exchange.")
-      .def("is_completed", &ops::Work::is_completed)
+      // Both release the finished task's inputs here, on the owner's thread
+      // (with the GIL: a captured tensor may own a Python object).
+      .def("is_completed",
+           [](ops::Work& work) {
+             const bool done = work.is_completed();
+             if (done) work.take_spent();
+             return done;
+           })
       .def(
           "wait",
-          [](const ops::Work& work) {
+          [](ops::Work& work) {
             ops::ExchangeResult result;
+            std::exception_ptr error;
             {
               py::gil_scoped_release no_gil;
-              result = work.wait();
+              try {
+                result = work.wait();
+              } catch (...) {
+                error = std::current_exception();
+              }
             }
+            work.take_spent();
+            if (error) std::rethrow_exception(error);
             return result_to_python(std::move(result));
           },
           "Blocks until the exchange ran; returns (output, splits) or raises its error.")

@@ -38,16 +38,24 @@ std::pair<int64_t, int64_t> Work::span_us() const {
   return {started_us_, finished_us_};
 }
 
+std::function<ExchangeResult()> Work::take_spent() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::function<ExchangeResult()> out;
+  if (done_) out.swap(spent_);
+  return out;
+}
+
 void Work::start() {
   std::lock_guard<std::mutex> lock(mutex_);
   started_us_ = now_us();
 }
 
-void Work::finish(ExchangeResult result, std::exception_ptr error) {
+void Work::finish(ExchangeResult result, std::exception_ptr error, std::function<ExchangeResult()> spent) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     result_ = std::move(result);
     error_ = std::move(error);
+    spent_ = std::move(spent);
     finished_us_ = now_us();
     done_ = true;
   }
@@ -192,7 +200,10 @@ void ProgressThread::execute(Entry& entry) {
       error = std::current_exception();
     }
   }
-  entry.work->finish(std::move(result), std::move(error));
+  // The task goes with its result: the owner's wait() releases its inputs
+  // (not the owner's next call, which may come much later).
+  entry.work->finish(std::move(result), std::move(error), std::move(entry.task));
+  entry.task = nullptr;
   at::set_record_function_tls_(saved_rf);
   c10::ThreadLocalDebugInfo::_forceCurrentDebugInfo(saved_debug);
   // The profiler's state must not outlive the task on this thread.

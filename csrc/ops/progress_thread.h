@@ -48,7 +48,15 @@ class Work {
   std::pair<int64_t, int64_t> span_us() const;
 
   void start();
-  void finish(ExchangeResult result, std::exception_ptr error);
+  // `spent` is the finished task itself: what it captured (its inputs) is
+  // kept here, no longer in the queue, until `take_spent` hands it to a
+  // thread that may release it.
+  void finish(ExchangeResult result, std::exception_ptr error, std::function<ExchangeResult()> spent = {});
+  // The finished task, for the caller to destroy on its own thread (empty
+  // before the task finished, and after the first take). Only owner threads
+  // call it (the Python bindings of wait and is_completed): releasing a
+  // captured tensor may need the GIL, which the worker never takes.
+  std::function<ExchangeResult()> take_spent();
 
  private:
   std::string label_;
@@ -57,6 +65,7 @@ class Work {
   bool done_ = false;
   ExchangeResult result_;
   std::exception_ptr error_;
+  std::function<ExchangeResult()> spent_;
   int64_t started_us_ = 0;
   int64_t finished_us_ = 0;
 };
@@ -101,6 +110,9 @@ class ProgressThread {
   // may be owned by Python objects, and releasing those needs the GIL, which
   // the worker must never take (it could be killed at interpreter exit).
   // The caller lets the returned entries go after unlocking the mutex.
+  // A finished entry no longer holds its task (the Work does, until the
+  // owner's wait or is_completed releases it); it holds the Work, so that
+  // the Work's last reference never goes on the worker.
   std::vector<Entry> take_finished();
 
   std::string name_;
