@@ -156,9 +156,37 @@ class Communicator:
     def _create_transports(self) -> dict[str, _C.Transport]:
         """One transport per group, in the order the groups were created, on
         every rank: creating a shared-memory segment is collective over its
-        group."""
-        return {role: make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
-                for role, ref in self._groups.items()}
+        group.
+
+        Where a group may use shared memory, every rank learns after each
+        group whether any rank's set-up failed, and then all raise: the
+        members of a group whose segment could not be made (a /dev/shm with
+        room for some groups' segments but not all) raise at once, and the
+        others would otherwise wait for them in the next group's set-up until
+        the timeout."""
+        agree = self.transport != "c10d" and str(dist.get_backend(self.group)).lower() != "nccl"
+        transports = {}
+        for role, ref in self._groups.items():
+            failure = None
+            try:
+                transports[role] = make_transport(ref, self._hosts_of(ref), self.transport, self.timeout)
+            except dist.DistBackendError as error:
+                if not agree:
+                    raise
+                failure = error
+            if agree:
+                failures: list[str | None] = [None] * self.size
+                dist.all_gather_object(failures, None if failure is None else str(failure), group=self.group)
+                if failure is not None:
+                    raise failure
+                failed = [r for r, f in enumerate(failures) if f is not None]
+                if failed:
+                    ranks = [self.group_ref.global_ranks[r] for r in failed]
+                    raise dist.DistBackendError(
+                        f"alltoall: the Communicator on group '{self.group_ref.name}' could not be set up: the "
+                        f"{role} group's set-up failed on group rank(s) {failed} (global rank(s) {ranks}): "
+                        f"{failures[failed[0]]}")
+        return transports
 
     def _create_selector(self) -> tuple[Profile | None, selection.ModelSelector | None]:
         """Collective: every rank's profile hash must agree (ValueError on

@@ -41,6 +41,9 @@ def _rank(rank: int, store_path: str, results: mp.Queue) -> None:
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=TIMEOUT_S))
+        if os.environ.get(PARTIAL_ENV):
+            _partial(report)
+            raise SystemExit  # the report is complete
         try:
             alltoall.Communicator(transport="shm", timeout=TIMEOUT_S)
             report["shm"] = "constructed"
@@ -59,11 +62,43 @@ def _rank(rank: int, store_path: str, results: mp.Queue) -> None:
         dist.barrier()
         del comm
         dist.destroy_process_group()
+    except SystemExit:
+        pass
     except BaseException as error:
         report["error"] = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
     results.put(report)
     results.close()
     results.join_thread()
+
+
+# The partial case: /dev/shm holds the world's segment and one node's, not
+# the other node's. That node's ranks raise the space error in set-up; the
+# others, whose node fitted, must not wait for them in the next group's
+# set-up until the timeout.
+PARTIAL_ENV = "ALLTOALL_TEST_SPACE_PARTIAL"
+PARTIAL_RING_BYTES = 256 * 1024
+PARTIAL_SLACK_BYTES = 512 * 1024  # multiprocessing's semaphores share the tmpfs
+
+
+def _partial(report: dict[str, object]) -> None:
+    import time
+
+    import alltoall
+
+    start = time.monotonic()
+    try:
+        alltoall.Communicator(transport="shm", timeout=TIMEOUT_S, local_size=4)
+        report["shm"] = "constructed"
+    except Exception as error:
+        report["shm"] = f"{type(error).__name__}: {error}"
+    report["elapsed"] = time.monotonic() - start
+
+
+def _partial_tmpfs_bytes() -> int:
+    from alltoall.transport import segment_bytes
+
+    node = segment_bytes(4, PARTIAL_RING_BYTES)
+    return segment_bytes(WORLD, PARTIAL_RING_BYTES) + node + node // 2 + PARTIAL_SLACK_BYTES
 
 
 def main() -> None:
@@ -129,6 +164,40 @@ def test_a_small_dev_shm_is_a_clear_error_or_an_agreed_fallback():
     assert world[0] in reports[0]["warnings"]
     for report in reports:
         assert len(report["warnings"]) == len(set(report["warnings"]))
+
+
+
+def test_ranks_whose_segments_fit_do_not_wait_for_those_whose_did_not():
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", PARTIAL_ENV: "1",
+           "ALLTOALL_SHM_RING_BYTES": str(PARTIAL_RING_BYTES)}
+    env.pop("ALLTOALL_TRANSPORT", None)
+    size_k = _partial_tmpfs_bytes() // 1024
+    command = (f"mount -t tmpfs -o size={size_k}k tmpfs /dev/shm && "
+               f"exec {sys.executable} -m tests.distributed.test_shm_space")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=8 * TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports, summary = lines[:-1], lines[-1]
+    assert summary["exitcodes"] == [0] * WORLD, summary
+    assert summary["left"] == [], summary
+    assert len(reports) == WORLD
+    failed_nodes = set()
+    for report in reports:
+        assert "error" not in report, report["error"]
+        shm = report["shm"]
+        assert shm.startswith("DistBackendError"), shm
+        assert "/dev/shm cannot hold the shared-memory segment of 4 ranks" in shm, shm
+        # Well before the 60 s timeout: told, not timed out.
+        assert report["elapsed"] < TIMEOUT_S / 2, report
+        if "could not be set up: the intra_node group's set-up failed on group rank(s)" in shm:
+            continue  # a rank of the node that fitted, told of the other's failure
+        failed_nodes.add(report["rank"] // 4)
+    assert len(failed_nodes) == 1, [r["shm"] for r in reports]  # one node's segment fitted, the other's did not
+
 
 if __name__ == "__main__":
     main()
