@@ -210,7 +210,7 @@ class ExpertExchange:
         received = self.to_experts(rows)  # [ep source, local, C, M]
         grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
         with record_function(EXPERTS_EVENT):
-            out = experts(grouped, [ep * capacity] * local)
+            out = experts(grouped, [ep * capacity] * local, batched=True)
         back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
         return self.from_experts(back)
 
