@@ -216,9 +216,9 @@ class ExpertExchange:
     def _run_padded(self, rows: torch.Tensor, capacity: int, experts: LocalExperts) -> torch.Tensor:
         ep, local, width = self.ep, self.num_local, rows.shape[1]
         received = self.to_experts(rows)  # [ep source, local, C, M]
-        grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
+        grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local, ep * capacity, width)
         with experts_event():
-            out = experts(grouped, [ep * capacity] * local, batched=True)
+            out = experts.forward_blocks(grouped)
         back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
         return self.from_experts(back)
 

@@ -67,9 +67,22 @@ class LocalExperts(nn.Module):
                              f"{len(self.experts)} experts")
         if batched and len(self.experts) > 1 and rows.dim() == 2 and rows.shape[0] and _equal(rows_per_expert) \
                 and _batchable(self.experts, rows):
-            return _batched_feed_forward(self.experts, rows)
+            count = len(self.experts)
+            out = _batched_feed_forward(self.experts, rows.reshape(count, rows.shape[0] // count, rows.shape[1]))
+            return out.view(rows.shape[0], -1)
         blocks = rows.split(list(rows_per_expert))
         return torch.cat([expert(block) for expert, block in zip(self.experts, blocks, strict=True)])
+
+    def forward_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``blocks [L, N, M]``, block i for local expert i -> ``[L, N, M]``:
+        ``forward(blocks.reshape(L * N, M), [N] * L, batched=True)`` without
+        the reshapes (the padded buffer's path, whose blocks are equal on
+        every rank)."""
+        if blocks.dim() != 3 or blocks.shape[0] != len(self.experts):
+            raise ValueError(f"blocks of shape {tuple(blocks.shape)} are not [{len(self.experts)}, rows, hidden]")
+        if len(self.experts) > 1 and blocks.shape[1] and _batchable(self.experts, blocks):
+            return _batched_feed_forward(self.experts, blocks)
+        return torch.stack([expert(block) for expert, block in zip(self.experts, blocks, strict=True)])
 
 
 # The batched path. With equal blocks (the padded, capacity-limited buffer)
@@ -118,15 +131,11 @@ def _global_module_hooks() -> bool:
                 or hooks._global_backward_pre_hooks)
 
 
-def _batched_feed_forward(experts: nn.ModuleList, rows: torch.Tensor) -> torch.Tensor:
-    """``rows [L * N, M]`` in L equal blocks -> each block through its
-    FeedForward, ``[L * N, M]``."""
-    count = len(experts)
+def _batched_feed_forward(experts: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """``x [L, N, M]``: block i through FeedForward i, ``[L, N, M]``."""
     fc1 = [e.fc1 for e in experts]
     fc2 = [e.fc2 for e in experts]
-    x = rows.reshape(count, rows.shape[0] // count, rows.shape[1])
     w1 = torch.stack([f.weight for f in fc1]).transpose(1, 2)
     h = torch.baddbmm(torch.stack([f.bias for f in fc1]).unsqueeze(1), x, w1)
     w2 = torch.stack([f.weight for f in fc2]).transpose(1, 2)
-    y = torch.baddbmm(torch.stack([f.bias for f in fc2]).unsqueeze(1), nn.functional.gelu(h), w2)
-    return y.view(rows.shape[0], -1)
+    return torch.baddbmm(torch.stack([f.bias for f in fc2]).unsqueeze(1), nn.functional.gelu(h), w2)
