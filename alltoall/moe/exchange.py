@@ -48,8 +48,11 @@ EXPERTS_EVENT = "alltoall.moe.experts forward"
 def experts_event() -> contextlib.AbstractContextManager:
     """``record_function(EXPERTS_EVENT)`` while a profiler runs; nothing
     otherwise (entering and leaving the event costs two op calls per
-    forward, which count at small shapes: issue 21, item 3)."""
-    return record_function(EXPERTS_EVENT) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+    forward, which count at small shapes: issue 21, item 3). Under
+    torch.compile always the event, as before (the check is not traceable)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return record_function(EXPERTS_EVENT)
+    return contextlib.nullcontext()
 
 
 class _GatherBlocks(torch.autograd.Function):
