@@ -6,8 +6,9 @@ has two views of the same assignments: ``dest_row[s, j]``, the buffer row an
 assignment occupies (-1 when dropped), and ``source[r]``, the assignment in
 buffer row r (-1 for padding). Dispatch gathers rows by ``source``, combine
 by ``dest_row``; each is the other's adjoint, so the backward of one is the
-other, and the gate-weight gradient is a row-wise dot product. No one-hot
-``[S, E, C]`` tensor is ever built.
+other, and the gate-weight gradient is a row-wise dot product. Their
+autograd is C++ (csrc/ops/moe_autograd.cpp). No one-hot ``[S, E, C]``
+tensor is ever built.
 """
 
 from __future__ import annotations
@@ -80,49 +81,3 @@ def combine(rows: torch.Tensor, routing: Routing, weights: torch.Tensor | None =
     when None). Differentiable in ``rows`` and ``weights``; ``weights`` must
     have the rows' dtype."""
     return _ops.moe_combine(rows, routing.source, routing.dest_row, weights)
-
-
-# Autograd of the ops ---------------------------------------------------------
-
-
-def _save(ctx, inputs, output) -> None:
-    values, source, dest_row, weights = inputs
-    ctx.has_weights = weights is not None
-    needs_weight_grad = ctx.has_weights and ctx.needs_input_grad[3]
-    ctx.save_for_backward(values if needs_weight_grad else None, source, dest_row, weights)
-
-
-def _dispatch_backward(ctx, grad: torch.Tensor):
-    x, source, dest_row, weights = ctx.saved_tensors
-    grad_x = _ops.moe_combine(grad, source, dest_row, weights) if ctx.needs_input_grad[0] else None
-    grad_w = None
-    if ctx.has_weights and ctx.needs_input_grad[3]:
-        grad_w = _ops.moe_weight_grad(x, grad, source, dest_row)
-    return grad_x, None, None, grad_w
-
-
-def _combine_backward(ctx, grad: torch.Tensor):
-    rows, source, dest_row, weights = ctx.saved_tensors
-    grad_rows = _ops.moe_dispatch(grad, source, dest_row, weights) if ctx.needs_input_grad[0] else None
-    grad_w = None
-    if ctx.has_weights and ctx.needs_input_grad[3]:
-        grad_w = _ops.moe_weight_grad(grad, rows, source, dest_row)
-    return grad_rows, None, None, grad_w
-
-
-def _save_weight_grad(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _weight_grad_backward(ctx, grad: torch.Tensor):
-    # g[s, j] = <tokens[s], rows[dest_row[s, j]]> is bilinear: each side's
-    # gradient is a combine or a dispatch weighted by the incoming gradient.
-    tokens, rows, source, dest_row = ctx.saved_tensors
-    grad_tokens = _ops.moe_combine(rows, source, dest_row, grad) if ctx.needs_input_grad[0] else None
-    grad_rows = _ops.moe_dispatch(tokens, source, dest_row, grad) if ctx.needs_input_grad[1] else None
-    return grad_tokens, grad_rows, None, None
-
-
-torch.library.register_autograd("alltoall::moe_dispatch", _dispatch_backward, setup_context=_save)
-torch.library.register_autograd("alltoall::moe_combine", _combine_backward, setup_context=_save)
-torch.library.register_autograd("alltoall::moe_weight_grad", _weight_grad_backward, setup_context=_save_weight_grad)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch.profiler import record_function
 
-from alltoall.moe.exchange import EXPERTS_EVENT
+from alltoall.moe.exchange import experts_event
 from alltoall.moe.experts import LocalExperts
 from alltoall.moe.gate import GateOutput
 from alltoall.ops import ExpertDispatcher
@@ -75,6 +74,6 @@ class DispatchedExperts:
     def _one(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              experts: LocalExperts) -> torch.Tensor:
         rows, handle = self.dispatcher.dispatch(tokens, index, weights)
-        with record_function(EXPERTS_EVENT):
+        with experts_event():
             out = experts(rows, handle.counts_list)
         return self.dispatcher.combine(out, handle)

@@ -28,6 +28,7 @@ from the counts.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,16 @@ from alltoall.ops.coordinated import Chunking
 
 # The profiler event around the experts' forward (bench/moe_timeline.py).
 EXPERTS_EVENT = "alltoall.moe.experts forward"
+
+
+def experts_event() -> contextlib.AbstractContextManager:
+    """``record_function(EXPERTS_EVENT)`` while a profiler runs; nothing
+    otherwise (entering and leaving the event costs two op calls per
+    forward, which count at small shapes: issue 21, item 3). Under
+    torch.compile always the event, as before (the check is not traceable)."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return record_function(EXPERTS_EVENT)
+    return contextlib.nullcontext()
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -208,9 +219,9 @@ class ExpertExchange:
     def _run_padded(self, rows: torch.Tensor, capacity: int, experts: LocalExperts) -> torch.Tensor:
         ep, local, width = self.ep, self.num_local, rows.shape[1]
         received = self.to_experts(rows)  # [ep source, local, C, M]
-        grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local * ep * capacity, width)
-        with record_function(EXPERTS_EVENT):
-            out = experts(grouped, [ep * capacity] * local)
+        grouped = received.view(ep, local, capacity, width).transpose(0, 1).reshape(local, ep * capacity, width)
+        with experts_event():
+            out = experts.forward_blocks(grouped)
         back = out.view(local, ep, capacity, width).transpose(0, 1).reshape(ep * local * capacity, width)
         return self.from_experts(back)
 
@@ -221,7 +232,7 @@ class ExpertExchange:
         splits = (sent.sum(dim=1).tolist(), [sum(r) for r in received])
         arrived = self.to_experts(rows, splits)
         per_expert = [sum(received[src][e] for src in range(ep)) for e in range(local)]
-        with record_function(EXPERTS_EVENT):
+        with experts_event():
             out = experts(transpose_blocks(arrived, received), per_expert)
         by_expert = [[received[src][e] for src in range(ep)] for e in range(local)]
         return self.from_experts(transpose_blocks(out, by_expert), splits)
@@ -250,7 +261,7 @@ class ExpertExchange:
         else:
             arrived = there(rows)
         per_expert = [sum(pieces[s][e] for s in range(ep)) for e in range(local)]
-        with record_function(EXPERTS_EVENT):
+        with experts_event():
             out = experts(transpose_blocks(arrived, pieces), per_expert)
         back = transpose_blocks(out, [[pieces[s][e] for s in range(ep)] for e in range(local)])
         if self.combine_dtype is not None:

@@ -3,9 +3,10 @@ weights and the auxiliary losses (load balancing, router z-loss)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,7 +46,10 @@ class GateOutput:
             weight here but contributes nothing.
         aux_loss: scalar, the load-balancing loss plus ``z_loss_coef`` times the z-loss.
         balance_loss: scalar, ``E * sum_e f_e * P_e``.
-        z_loss: scalar, ``mean_s logsumexp(logits_s) ** 2``.
+        z_loss: scalar, ``mean_s logsumexp(logits_s) ** 2``, differentiable.
+            With ``z_loss_coef=0`` it is not part of ``aux_loss`` and is
+            computed on first access (the same value and graph; its ops are
+            host time on every step otherwise).
         counts: ``[E]`` int64, assignments per expert before dropping (detached).
     """
 
@@ -53,8 +57,14 @@ class GateOutput:
     weights: torch.Tensor
     aux_loss: torch.Tensor
     balance_loss: torch.Tensor
-    z_loss: torch.Tensor
+    lazy_z_loss: torch.Tensor | Callable[[], torch.Tensor] = field(repr=False)
     counts: torch.Tensor
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        if callable(self.lazy_z_loss):
+            object.__setattr__(self, "lazy_z_loss", self.lazy_z_loss())
+        return self.lazy_z_loss  # type: ignore[return-value]
 
 
 class TopKGate(nn.Module):
@@ -132,8 +142,11 @@ class TopKGate(nn.Module):
         if self.normalize_weights:
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         balance = load_balancing_loss(probs, routing.counts, self.k)
-        z = router_z_loss(logits)
-        aux = balance + self.z_loss_coef * z if self.z_loss_coef else balance
+        if self.z_loss_coef:
+            z: torch.Tensor | Callable[[], torch.Tensor] = router_z_loss(logits)
+            aux = balance + self.z_loss_coef * z
+        else:
+            z, aux = functools.partial(router_z_loss, logits), balance
         return GateOutput(routing, weights, aux, balance, z, routing.counts.detach())
 
 

@@ -209,7 +209,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE: input of shape {tuple(x.shape)} does not end in hidden_size={self.hidden_size}")
-        tokens = x.reshape(-1, self.hidden_size)
+        # A 2-d input is used as it is: a reshape would add a view and its
+        # autograd node each way for nothing.
+        tokens = x if x.dim() == 2 else x.reshape(-1, self.hidden_size)
         if self.drop_tokens and self.check_tokens:
             self.exchange.check_equal_tokens(tokens.shape[0], tokens.device)
         gate = self.gate(tokens, self.capacity(tokens.shape[0]))
@@ -223,7 +225,7 @@ class MoE(nn.Module):
         if self.use_residual:
             mix = torch.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
-        return out.reshape(x.shape), gate.aux_loss, gate.counts
+        return (out if x.dim() == 2 else out.reshape(x.shape)), gate.aux_loss, gate.counts
 
 
 def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -273,7 +273,7 @@ class Pipeline:
         params = [p for p in self.experts.parameters() if p.requires_grad]
         if torch.is_grad_enabled() and (rows.requires_grad or params):
             return PipelinedExperts.apply(rows, self, *params)
-        return self.run(rows, lambda i, x, per_expert: self.experts(x, per_expert), "forward")[0]
+        return self.run(rows, lambda i, x, per_expert: self.experts(x, per_expert, batched=self.equal), "forward")[0]
 
 
 class _Ready:
@@ -322,7 +322,7 @@ class PipelinedExperts(torch.autograd.Function):
         def stage(i: int, x: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
             x = x.detach().requires_grad_(rows_grad)
             with torch.enable_grad():
-                y = pipe.experts(x, per_expert)
+                y = pipe.experts(x, per_expert, batched=pipe.equal)
             saved.append((x, y))
             return y.detach()
 

@@ -4,15 +4,15 @@
 //   torch.ops.alltoall.moe_dispatch(x [S, M], source, dest_row, weights?) -> [R, M]
 //   torch.ops.alltoall.moe_combine(rows [R, M], source, dest_row, weights?) -> [S, M]
 //   torch.ops.alltoall.moe_weight_grad(tokens [S, M], rows [R, M], source, dest_row) -> [S, k]
-// Dispatch and combine are each other's adjoint; their autograd (Python,
-// alltoall/moe/dispatch.py) is built from these four ops. source and
+// Dispatch and combine are each other's adjoint; their autograd
+// (moe_autograd.cpp) is built from these four ops. source and
 // dest_row must come from one moe_route call. Every output shape follows
 // from the input shapes, so the Meta kernels need no data.
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -63,9 +63,16 @@ RouteResult route_meta(const at::Tensor& logits, int64_t k, int64_t capacity) {
 // a GPU it would cost a device-to-host sync on every call.
 void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t limit) {
   if (!index.device().is_cpu() || index.numel() == 0) return;
-  auto [lo, hi] = at::aminmax(index);
-  const int64_t low = lo.item<int64_t>();
-  const int64_t high = hi.item<int64_t>();
+  // A plain loop: aminmax and two item() calls cost more than the kernel at
+  // the layer's small shapes (issue 21, item 3).
+  const at::Tensor values = index.contiguous();
+  const int64_t* data = values.const_data_ptr<int64_t>();
+  int64_t low = data[0];
+  int64_t high = data[0];
+  for (int64_t i = 1, n = values.numel(); i < n; ++i) {
+    low = std::min(low, data[i]);
+    high = std::max(high, data[i]);
+  }
   TORCH_CHECK_VALUE(low >= -1 && high < limit, op, ": ", name, " holds values in [", low, ", ", high,
                     "], outside [-1, ", limit, ")");
 }

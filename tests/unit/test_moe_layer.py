@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from alltoall.moe import MoE, TopKGate
-from alltoall.moe.experts import FeedForward, seeded_feed_forwards
+from alltoall.moe import MoE, TopKGate, router_z_loss
+from alltoall.moe.experts import FeedForward, LocalExperts, seeded_feed_forwards
 from tests.harness.moe_checks import grads_of, reference_like
 
 CASES = list(itertools.product([True, False], [1, 2, 4], [False, True]))
@@ -148,3 +148,59 @@ def test_layer_on_cuda_matches_the_cpu(drop_tokens):
     torch.testing.assert_close(gx_g, gx_c, **tol)
     for name, grad in grads_c.items():
         torch.testing.assert_close(grads_g[name], grad, **tol, msg=name)
+
+
+def _loop_and_batched(experts, dtype, blocks=4, rows=6):
+    """The per-expert loop and the batched path on the same rows: outputs
+    and every gradient, from two copies of the experts."""
+    loop = LocalExperts(experts, 0).to(dtype)
+    batched = copy.deepcopy(loop)
+    x0 = torch.randn(blocks * rows, 8, dtype=dtype)
+    grad = torch.randn(blocks * rows, 8, dtype=dtype)
+    results = []
+    for module, run in ((loop, lambda m, x: m(x, [rows] * blocks)),
+                        (batched, lambda m, x: m.forward_blocks(x.view(blocks, rows, 8)).reshape(-1, 8))):
+        x = x0.clone().requires_grad_()
+        out = run(module, x)
+        out.backward(grad)
+        results.append((out, x.grad, [p.grad for p in module.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_experts_match_the_per_expert_loop(dtype):
+    torch.manual_seed(3)
+    (out, gx, gp), (out_b, gx_b, gp_b) = _loop_and_batched(seeded_feed_forwards(8, 5, 1, range(4)), dtype)
+    torch.testing.assert_close(out_b, out, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    torch.testing.assert_close(gx_b, gx, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    for a, b in zip(gp_b, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+        assert a.is_contiguous()
+
+
+def test_batched_experts_fall_back_to_the_loop_for_other_experts_and_hooks():
+    torch.manual_seed(4)
+    other = [nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 8)) for _ in range(4)]
+    hooked = seeded_feed_forwards(8, 5, 2, range(4))
+    calls = []
+    hooked[2].fc1.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    for experts in (other, hooked):
+        (out, gx, gp), (out_b, gx_b, gp_b) = _loop_and_batched(experts, torch.float64)
+        torch.testing.assert_close(out_b, out, rtol=0, atol=0)
+        torch.testing.assert_close(gx_b, gx, rtol=0, atol=0)
+        for a, b in zip(gp_b, gp, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert calls == [torch.Size([6, 5])] * 2  # the hook ran on both paths: the loop was taken
+
+
+def test_z_loss_is_computed_on_access_with_the_same_value_and_gradient():
+    torch.manual_seed(5)
+    gate = TopKGate(6, 4, 2).double()
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    out = gate(x, None)
+    want = router_z_loss(gate.logits(x))
+    torch.testing.assert_close(out.z_loss, want, rtol=0, atol=0)
+    assert out.aux_loss is out.balance_loss
+    (grad,) = torch.autograd.grad(out.z_loss, x)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(grad, want_grad)
