@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from datetime import timedelta
 
 import pytest
@@ -75,6 +76,37 @@ def _random_exchanges(calls: int, seed: int) -> int:
 )
 def test_random_split_matrices_match_gloo(world_pools, world, env):
     assert world_pools.run(world, _random_exchanges, 24, world, env=env) == [24] * world
+
+
+def _back_to_back(calls: int, lag_rank: int) -> int:
+    """Calls with nothing between them: alternating tiny and ring-filling
+    messages, so a sender is often a call ahead of a receiver and sleepers
+    wait for several peers at once; one rank lags now and then, so its peers
+    fall asleep. The references run afterwards, from the kept inputs."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    transport = _shm()
+    kept = []
+    for call in range(calls):
+        rows = [1, 200, 0, 3, 64][call % 5]
+        x = rank_input(rank, p * rows, (13,), torch.uint8, call)
+        out = torch.empty_like(x)
+        if rank == lag_rank and call % 7 == 3:
+            time.sleep(0.005)
+        transport.all_to_all(out, x, [], [], f"call {call}")
+        kept.append((x, out))
+    for call, (x, out) in enumerate(kept):
+        split = [len(x) // p] * p
+        assert_same_bytes(out, _reference(x, split, split), f"call {call}")
+    return calls
+
+
+@pytest.mark.parametrize(
+    "env",
+    [SMALL_RING, {**SMALL_RING, "ALLTOALL_SHM_SPINS": "0", "ALLTOALL_SHM_YIELDS": "0"}, {}],
+    ids=["ring-256", "ring-256-sleep-at-once", "defaults"],
+)
+def test_back_to_back_calls_with_a_lagging_rank_match_gloo(world_pools, env):
+    assert world_pools.run(8, _back_to_back, 40, 5, env=env) == [40] * 8
 
 
 def _all_gather(rows: int) -> None:
