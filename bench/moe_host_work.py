@@ -28,32 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import alltoall
 from alltoall.moe.experts import FeedForward, LocalExperts, replicas
-
-
-class _Copied:
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
-
-    def wait(self) -> torch.Tensor:
-        return self.value
-
-    def is_completed(self) -> bool:
-        return True
-
-
-class LocalCopyComm:
-    """EP rank ``rank`` of ``size``: every equal exchange returns a copy of its input."""
-
-    def __init__(self, size: int, rank: int = 0) -> None:
-        self.size, self.rank, self.group = size, rank, None
-
-    def resolve(self, algorithm: str, bytes_per_peer: int | None = None) -> str:
-        return algorithm
-
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
-                   async_op: bool = False):
-        out = x.clone()
-        return _Copied(out) if async_op else out
+from alltoall.testing.local_copy import LocalCopy
 
 
 class _OpLog(TorchDispatchMode):
@@ -73,7 +48,7 @@ def build(args: argparse.Namespace) -> tuple[alltoall.MoE, torch.Tensor]:
     layer = alltoall.MoE(m, expert, args.experts, k=args.k, capacity_factor=1.0, eval_capacity_factor=1.0,
                          min_capacity=4, overlap_degree=args.overlap)
     exchange = layer.exchange  # one process: no Communicator; stand in for rank 0 of --ep
-    exchange.comm, exchange.ep, exchange.num_local = LocalCopyComm(args.ep), args.ep, args.experts // args.ep
+    exchange.comm, exchange.ep, exchange.num_local = LocalCopy(args.ep), args.ep, args.experts // args.ep
     layer.experts = LocalExperts(replicas(expert, exchange.num_local), 0)
     return layer, torch.randn(s, m, requires_grad=True)
 

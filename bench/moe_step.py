@@ -72,6 +72,7 @@ from alltoall.launch import init_distributed
 from alltoall.moe.dispatched import kept_expert_index
 from alltoall.moe.experts import FeedForward
 from alltoall.moe.gate import expert_capacity
+from alltoall.testing.local_copy import LocalCopy
 
 CAPACITY_FACTOR, MIN_CAPACITY = 1.0, 4
 # Issue 12's benchmark shape. On 2 emulated hosts x 4 ranks with 1 Gbit/s
@@ -95,37 +96,6 @@ DEEPSPEED_HINT = "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.1
 
 
 # Controls: the exchange replaced by a local copy of the same bytes --------------
-
-
-class _Copied:
-    def __init__(self, value: torch.Tensor) -> None:
-        self.value = value
-
-    def wait(self) -> torch.Tensor:
-        return self.value
-
-    def is_completed(self) -> bool:
-        return True
-
-
-class LocalCopy:
-    """Stands in for an EP Communicator: every equal exchange returns a copy
-    of its input (differentiable), so the step moves the same bytes through
-    memory but none between ranks."""
-
-    def __init__(self, comm: alltoall.Communicator) -> None:
-        self.size, self.rank, self.group = comm.size, comm.rank, comm.group
-
-    def resolve(self, algorithm: str, bytes_per_peer: int | None = None) -> str:
-        return algorithm
-
-    def all_to_all(self, x: torch.Tensor, algorithm: str = "auto", *, check: bool | None = None,
-                   async_op: bool = False):
-        out = x.clone()
-        return _Copied(out) if async_op else out
-
-    def all_to_all_v(self, *args, **kwargs):
-        raise NotImplementedError("the control covers capacity mode (equal exchanges) only")
 
 
 @contextlib.contextmanager
@@ -211,7 +181,7 @@ def _ours(comm: alltoall.Communicator, expert: torch.nn.Module, gate_weight: tor
     @contextlib.contextmanager
     def control() -> Iterator[None]:
         real = layer.exchange.comm
-        layer.exchange.comm = LocalCopy(real)
+        layer.exchange.comm = LocalCopy(real.size, real.rank, real.group)
         try:
             yield
         finally:
