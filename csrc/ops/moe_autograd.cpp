@@ -117,22 +117,14 @@ struct WeightGradFunction : public torch::autograd::Function<WeightGradFunction>
 // The Autograd kernels. Without anything to differentiate (no_grad, or no
 // input that needs a gradient) they go straight to the device kernel and
 // build no node.
-at::Tensor dispatch_autograd(const at::Tensor& x, const at::Tensor& source, const at::Tensor& dest_row,
-                             const OptionalTensor& weights) {
-  if (!any_requires_grad(x, weights)) {
+template <bool kDispatch>
+at::Tensor table_autograd(const at::Tensor& values, const at::Tensor& source, const at::Tensor& dest_row,
+                          const OptionalTensor& weights) {
+  if (!any_requires_grad(values, weights)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return dispatch_op().call(x, source, dest_row, weights);
+    return (kDispatch ? dispatch_op() : combine_op()).call(values, source, dest_row, weights);
   }
-  return TableFunction<true>::apply(x, source, dest_row, weights);
-}
-
-at::Tensor combine_autograd(const at::Tensor& rows, const at::Tensor& source, const at::Tensor& dest_row,
-                            const OptionalTensor& weights) {
-  if (!any_requires_grad(rows, weights)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return combine_op().call(rows, source, dest_row, weights);
-  }
-  return TableFunction<false>::apply(rows, source, dest_row, weights);
+  return TableFunction<kDispatch>::apply(values, source, dest_row, weights);
 }
 
 at::Tensor weight_grad_autograd(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& source,
@@ -150,7 +142,7 @@ at::Tensor weight_grad_autograd(const at::Tensor& tokens, const at::Tensor& rows
 
 TORCH_LIBRARY_IMPL(alltoall, Autograd, m) {
   using namespace alltoall;
-  m.impl("moe_dispatch", &ops::dispatch_autograd);
-  m.impl("moe_combine", &ops::combine_autograd);
+  m.impl("moe_dispatch", &ops::table_autograd<true>);
+  m.impl("moe_combine", &ops::table_autograd<false>);
   m.impl("moe_weight_grad", &ops::weight_grad_autograd);
 }
