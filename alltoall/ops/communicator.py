@@ -17,6 +17,7 @@ from alltoall.topology import Topology, detect_hosts
 from alltoall.transport import (
     GroupRef,
     abort_transports,
+    handles_host_tensors,
     link_class,
     make_transport,
     new_subgroups,
@@ -164,7 +165,7 @@ class Communicator:
         room for some groups' segments but not all) raise at once, and the
         others would otherwise wait for them in the next group's set-up until
         the timeout."""
-        agree = self.transport != "c10d" and str(dist.get_backend(self.group)).lower() != "nccl"
+        agree = self.transport != "c10d" and handles_host_tensors(self.group)
         transports = {}
         for role, ref in self._groups.items():
             failure = None

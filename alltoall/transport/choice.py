@@ -41,7 +41,9 @@ def resolve_transport(requested: str | None) -> str:
     return requested
 
 
-def _handles_host_tensors(group: dist.ProcessGroup) -> bool:
+def handles_host_tensors(group: dist.ProcessGroup) -> bool:
+    """Whether the group's c10d backend takes host tensors (not NCCL): where
+    it does not, no group of it uses shared memory."""
     backend = str(dist.get_backend(group)).lower()
     return backend != "nccl"
 
@@ -70,7 +72,7 @@ def make_transport(group: GroupRef, hosts: Sequence[str], requested: str, timeou
     (group order), ``requested`` a resolved choice. Collective over the group
     when it creates a shared-memory segment."""
     c10d = _C.c10d_transport(group.name, list(group.global_ranks), timeout.total_seconds())
-    kind = transport_kind(group.name, group.global_ranks, hosts, requested, _handles_host_tensors(group.group))
+    kind = transport_kind(group.name, group.global_ranks, hosts, requested, handles_host_tensors(group.group))
     if kind == "c10d":
         return c10d
     members = ShmMembers(group.name, group.global_ranks, dist.get_rank(group.group))
